@@ -1,7 +1,6 @@
-from pkg_resources import parse_version
 from configparser import ConfigParser
 import setuptools, shlex
-assert parse_version(setuptools.__version__)>=parse_version('36.2')
+assert int(setuptools.__version__.split(".")[0]) >= 36
 
 # note: all settings are in settings.ini; edit there, not here
 config = ConfigParser(delimiters=['='])
