@@ -1,0 +1,59 @@
+# covidcxr: `make run` sets up and runs the main job; `make test` sets up and runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The torch build: this pin installs from the package index (CPU and CUDA capable). Override for another build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Development data: the shared copy beside the project, unless COVIDCXR_DATA is already set.
+SHARED_DATA := $(abspath ../shared/data/cxr)
+COVIDCXR_DATA ?= $(if $(wildcard $(SHARED_DATA)/metadata.csv),$(SHARED_DATA),)
+export COVIDCXR_DATA
+# Main job settings (override on the command line, e.g. `make run EPOCHS=8`)
+RECIPE ?= covid_vs_pneumonia_146
+ARCH ?= resnet34
+FALLBACK_ARCH ?= efficientnet_lite0
+EPOCHS ?= 4
+FREEZE_EPOCHS ?= 2
+SIZE ?= 224
+OUT ?= runs/146
+NB_WORKERS ?= 2
+
+.PHONY: install run test nbtest pytest check docs readme clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: settings.ini setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+run: install
+	$(BIN)/covidcxr train --recipe $(RECIPE) --arch $(ARCH) --fallback-arch $(FALLBACK_ARCH) \
+		--epochs $(EPOCHS) --freeze-epochs $(FREEZE_EPOCHS) --size $(SIZE) --out $(OUT)
+
+test: install check nbtest pytest
+
+# the library is in sync with the notebooks, and the notebooks are clean
+check: install
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+		git diff --exit-code --stat -- covidcxr nbs || { echo "nbdev_export / nbdev_clean changed files: commit them"; exit 1; }; fi
+	$(BIN)/python tools/nb2readme.py --check
+
+nbtest: install
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers $(NB_WORKERS) --timing
+
+pytest: install
+	$(BIN)/pytest -q tests
+
+# docs up to the processed notebooks (quarto renders them where it is installed: `nbdev_docs`)
+readme: install
+	$(BIN)/python tools/nb2readme.py
+
+docs: install readme
+	$(BIN)/nbdev_proc_nbs
+
+clean:
+	rm -rf _proc _docs runs
