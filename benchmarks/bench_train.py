@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Throughput and memory figures for covidcxr on the 146-image recipe (a script that prints figures, not a test).
+
+For each architecture and image size it measures, in a fresh Python process (so that the peak memory is that
+configuration's own):
+  - DataLoader throughput: images/s reading and augmenting the train split (`covidcxr.data.cxr_dls`),
+  - training throughput: images/s over a few batches of `fit`, with the body frozen and unfrozen,
+  - inference throughput: images/s of `learn.get_preds` on the valid split,
+  - peak resident memory (`resource.getrusage(...).ru_maxrss`),
+and prints the torch thread count and the device.
+
+Usage (from the repository root):
+    COVIDCXR_DATA=/path/to/cxr .venv/bin/python benchmarks/bench_train.py            # 3 archs x 2 sizes
+    COVIDCXR_DATA=/path/to/cxr .venv/bin/python benchmarks/bench_train.py --quick    # 1 arch, 1 size, < 1 min
+
+Architectures whose ImageNet weights are not on the machine are built with `pretrained=False` (random
+initialisation, same compute) and the output says so. Weights are never downloaded unless `--online` is given.
+"""
+import argparse, json, os, resource, subprocess, sys, time
+
+ARCHS = ('efficientnet_lite0', 'resnet18', 'resnet34')
+SIZES = (128, 224)
+
+def _peak_mib(who=resource.RUSAGE_SELF)->float:
+    "Peak resident set size in MiB (ru_maxrss is in KiB on Linux, bytes on macOS)."
+    r = resource.getrusage(who).ru_maxrss
+    return r / 2**20 if sys.platform == 'darwin' else r / 1024
+
+def bench_one(arch:str, size:int, bs:int, n_batches:int, data=None, seed:int=42, dl_epochs:int=2, infer_warmup:bool=True)->dict:
+    "Measure one (arch, size) configuration in this process; returns a dict of figures."
+    import torch
+    from fastai.callback.core import Callback, CancelFitException, CancelValidException
+    from covidcxr.core import seed_everything, default_device
+    from covidcxr.data import load_dataset, covid_vs_pneumonia_146, patient_split, cxr_dls
+    from covidcxr.learner import build_learner, WeightsUnavailableError
+    t_phase = time.perf_counter()
+    seed_everything(seed)
+    sel, _ = covid_vs_pneumonia_146(load_dataset(data), seed=seed)
+    sp = patient_split(sel, seed=seed)
+    dls = cxr_dls(sp, size=size, bs=bs, seed=seed)
+    res = dict(arch=arch, size=size, bs=bs, n_train=int((sp.split == 'train').sum()), n_valid=int((sp.split == 'valid').sum()),
+               torch_threads=torch.get_num_threads(), device=str(default_device()), num_workers=dls.train.fake_l.num_workers)
+    phase = {}
+    def lap(name):
+        nonlocal t_phase; now = time.perf_counter(); phase[name] = round(now - t_phase, 1); t_phase = now
+    lap('setup')  # load_dataset + recipe + split + cxr_dls
+
+    # DataLoader: one warm-up epoch (file cache, lazy set-up), then timed epochs over the train split
+    for _ in dls.train: pass
+    n, t0 = 0, time.perf_counter()
+    for _ in range(dl_epochs):
+        for xb, yb in dls.train: n += len(xb)
+    res['dl_img_s'] = n / (time.perf_counter() - t0); lap('dataloader')
+
+    try:
+        learn = build_learner(dls, arch); res['pretrained'] = True
+    except WeightsUnavailableError:
+        learn = build_learner(dls, arch, pretrained=False); res['pretrained'] = False
+    res['weights'] = learn.weights_source; lap('build_learner')
+
+    class _Timer(Callback):
+        "Time `n` training batches after one warm-up batch; skip validation; stop the fit."
+        order = 100
+        def __init__(self, n): self.n, self.times, self.sizes = n, [], []
+        def after_batch(self):
+            if not self.training: return
+            self.times.append(time.perf_counter()); self.sizes.append(len(self.xb[0]))
+            if len(self.times) > self.n: raise CancelFitException()
+        def before_validate(self): raise CancelValidException()
+
+    def train_speed(frozen:bool)->float:
+        learn.freeze() if frozen else learn.unfreeze()
+        cb = _Timer(n_batches)
+        with learn.no_bar(), learn.no_logging(): learn.fit(100, 1e-4, cbs=cb)
+        return sum(cb.sizes[1:]) / (cb.times[-1] - cb.times[0])
+
+    res['train_frozen_img_s'] = train_speed(True); lap('train_frozen')
+    res['train_unfrozen_img_s'] = train_speed(False); lap('train_unfrozen')
+
+    if infer_warmup:
+        with learn.no_bar(): learn.get_preds(dl=dls.valid)   # warm-up pass
+    t0 = time.perf_counter()
+    with learn.no_bar(): p, _ = learn.get_preds(dl=dls.valid)
+    res['infer_img_s'] = len(p) / (time.perf_counter() - t0); lap('inference')
+    res['phase_s'] = phase
+    res['peak_rss_mib'] = _peak_mib()
+    res['peak_rss_workers_mib'] = _peak_mib(resource.RUSAGE_CHILDREN)
+    return res
+
+def _row(r):
+    w = 'ImageNet' if r['pretrained'] else 'NONE (pretrained=False)'
+    return (f"{r['arch']:<19}{r['size']:>5}{r['dl_img_s']:>10.1f}{r['train_frozen_img_s']:>10.1f}"
+            f"{r['train_unfrozen_img_s']:>10.1f}{r['infer_img_s']:>10.1f}{r['peak_rss_mib']:>10.0f}   {w}")
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--quick', action='store_true', help='one arch (efficientnet_lite0), one size (128), bs 8, 2 timed batches, 1 timed DataLoader epoch, no inference warm-up: < 1 minute')
+    ap.add_argument('--archs', nargs='+', default=list(ARCHS))
+    ap.add_argument('--sizes', nargs='+', type=int, default=list(SIZES))
+    ap.add_argument('--bs', type=int, default=16, help='batch size (default 16, as in the notebooks)')
+    ap.add_argument('--batches', type=int, default=5, help='timed training batches, after one warm-up batch')
+    ap.add_argument('--dl-epochs', type=int, default=2, help='timed DataLoader epochs, after one warm-up epoch')
+    ap.add_argument('--no-infer-warmup', action='store_true', help='time the first get_preds pass (no warm-up pass)')
+    ap.add_argument('--data', default=None, help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data)')
+    ap.add_argument('--online', action='store_true', help='allow weight downloads (default: COVIDCXR_OFFLINE=1)')
+    ap.add_argument('-v', '--verbose', action='store_true', help='print the seconds each phase took')
+    ap.add_argument('--json', default=None, help='also write the figures to this JSON file')
+    ap.add_argument('--_one', nargs=2, metavar=('ARCH', 'SIZE'), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if not a.online: os.environ.setdefault('COVIDCXR_OFFLINE', '1')
+    if a._one:
+        print(json.dumps(bench_one(a._one[0], int(a._one[1]), a.bs, a.batches, a.data, dl_epochs=a.dl_epochs, infer_warmup=not a.no_infer_warmup))); return 0
+    if a.quick: a.archs, a.sizes, a.batches, a.dl_epochs, a.bs, a.no_infer_warmup = ['efficientnet_lite0'], [128], 2, 1, 8, True
+
+    load = os.getloadavg()
+    print(f"covidcxr training benchmark: 146 recipe (covid_vs_pneumonia_146), patient split seed 42, bs={a.bs}, "
+          f"{a.batches} timed training batches")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ('  (the machine was loaded: figures are lower than on an idle machine)' if load[0] > 2 else ''))
+    rows, t_all = [], time.perf_counter()
+    for arch in a.archs:
+        for size in a.sizes:
+            t0 = time.perf_counter()
+            cmd = [sys.executable, os.path.abspath(__file__), '--_one', arch, str(size), '--bs', str(a.bs),
+                   '--batches', str(a.batches), '--dl-epochs', str(a.dl_epochs)] + (['--no-infer-warmup'] if a.no_infer_warmup else []) + (['--data', a.data] if a.data else []) + (['--online'] if a.online else [])
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(f"{arch} {size}px FAILED:\n{p.stderr.strip()[-2000:]}", file=sys.stderr); return 1
+            r = json.loads(p.stdout.strip().splitlines()[-1]); r['wall_s'] = time.perf_counter() - t0
+            if not rows:
+                print(f"torch threads: {r['torch_threads']}, device: {r['device']}, DataLoader workers: {r['num_workers']}, "
+                      f"train split {r['n_train']} images, valid split {r['n_valid']} images\n")
+                print(f"{'arch':<19}{'size':>5}{'load/s':>10}{'frozen/s':>10}{'unfroz/s':>10}{'infer/s':>10}{'peakMiB':>10}   weights")
+            rows.append(r); print(_row(r), flush=True)
+            if a.verbose: print('    seconds per phase:', r['phase_s'], f"(process {r['wall_s']:.0f}s)")
+    print("\nimages/s: load = DataLoader reading + augmenting the train split; frozen / unfroz = training steps "
+          "(forward, backward, optimiser, data included) with the body frozen / unfrozen; infer = get_preds on the "
+          "valid split; peakMiB = peak resident memory of the process measuring that configuration (ru_maxrss).")
+    if any(not r['pretrained'] for r in rows):
+        print("pretrained=False: ImageNet weights for " + ', '.join(sorted({r['arch'] for r in rows if not r['pretrained']}))
+              + " are not on this machine; those rows use random initialisation (same compute, so the speeds hold).")
+    print(f"total {time.perf_counter() - t_all:.0f}s")
+    if a.json:
+        with open(a.json, 'w') as f: json.dump(dict(load=load, rows=rows), f, indent=1)
+    return 0
+
+if __name__ == '__main__': sys.exit(main())

@@ -1,0 +1,97 @@
+"The installed `covidcxr` console script, run as a subprocess on real shared X-rays: help, exit codes, prepare, predict."
+import os, shutil, subprocess, sys
+from pathlib import Path
+import numpy as np, pandas as pd, pytest
+from covidcxr.core import data_root
+
+EXE = Path(sys.executable).parent/'covidcxr'
+CMDS = ('fetch', 'prepare', 'train', 'evaluate', 'predict', 'audit')
+
+def cli(*args, env=None, **kw):
+    "Run the console script (or `python -m covidcxr.cli` if it is not installed) and return the CompletedProcess."
+    cmd = [str(EXE)] if EXE.exists() else [sys.executable, '-m', 'covidcxr.cli']
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **kw)
+
+@pytest.fixture(scope='module')
+def shared():
+    try: root = data_root()
+    except Exception as e: pytest.skip(f'no dataset: {e}')
+    from covidcxr.data import load_dataset
+    return load_dataset(root)
+
+def test_help_is_fast_and_light():
+    r = cli('--help'); assert r.returncode == 0 and all(c in r.stdout for c in CMDS) and 'exit codes' in r.stdout
+    r = subprocess.run([sys.executable, '-c', "import sys, covidcxr.cli as c; c.build_parser(); print('torch' in sys.modules, 'fastai' in sys.modules)"],
+                       capture_output=True, text=True)
+    assert r.stdout.split() == ['False', 'False'], r
+
+@pytest.mark.parametrize('cmd', CMDS)
+def test_subcommand_help(cmd):
+    r = cli(cmd, '--help')
+    assert r.returncode == 0 and f'usage: covidcxr {cmd}' in r.stdout and 'examples:' in r.stdout
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, '-m', 'covidcxr.cli', 'predict', '--help'], capture_output=True, text=True)
+    assert r.returncode == 0 and 'FILE_OR_FOLDER' in r.stdout
+
+def test_usage_errors():
+    r = cli('train', '--out', 'x', '--epochs', 'many'); assert r.returncode == 2 and 'expected a whole number' in r.stderr
+    r = cli('prepare', '--out', 'x'); assert r.returncode == 2 and 'one of the arguments --from-folders --from-csv is required' in r.stderr
+    r = cli(); assert r.returncode == 2
+
+def test_unknown_recipe(shared):
+    r = cli('train', '--recipe', 'covid_vs_all', '--out', 'x')
+    from covidcxr.data import RECIPES
+    assert r.returncode == 2 and all(n in r.stderr for n in RECIPES), r.stderr
+    assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+def test_data_not_found(tmp_path):
+    env = {'COVIDCXR_DATA': '', 'COVIDCXR_HOME': str(tmp_path/'home')}
+    for args in (('train', '--out', tmp_path/'run'), ('audit', '--recipe', 'covid_vs_pneumonia_146')):
+        r = cli(*args, env=env)
+        assert r.returncode == 3 and 'covidcxr fetch' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    r = cli('train', '--data', tmp_path/'empty', '--out', tmp_path/'run')
+    assert r.returncode == 3 and 'covidcxr fetch' in r.stderr
+
+def test_prepare_reports_bad_file(tmp_path, shared):
+    tree = tmp_path/'tree'
+    for l in ('covid', 'pneumonia'):
+        (tree/l).mkdir(parents=True)
+        for f in shared.path[shared.label == l].head(2): shutil.copy(f, tree/l)
+    (tree/'pneumonia'/'truncated.jpg').write_bytes(Path(shared.path.iloc[0]).read_bytes()[:300])
+    before = {p: p.read_bytes() for p in tree.rglob('*') if p.is_file()}
+    r = cli('prepare', '--from-folders', tree, '--out', tmp_path/'ds', '--size', 128)
+    assert r.returncode == 0, r.stderr
+    assert 'prepared 4 image(s)' in r.stdout and 'pneumonia/truncated.jpg: truncated or corrupt' in r.stdout, r.stdout
+    assert {p: p.read_bytes() for p in tree.rglob('*') if p.is_file()} == before
+    assert len(pd.read_csv(tmp_path/'ds'/'metadata.csv')) == 4
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory, shared):
+    "A tiny efficientnet_lite0 trained for one epoch at 64 px on 20 real X-rays (tests the plumbing, not accuracy)."
+    from covidcxr.data import patient_split, cxr_dls
+    from covidcxr.learner import build_learner, save_model
+    small = pd.concat([shared[shared.label == l].drop_duplicates('patient_id').head(10) for l in ('covid', 'pneumonia')])
+    small = patient_split(small, pcts=(0.8, 0.2, 0.), seed=1)
+    learn = build_learner(cxr_dls(small, size=64, bs=8), 'efficientnet_lite0')
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-3)
+    return save_model(learn, tmp_path_factory.mktemp('m')/'model')
+
+def test_predict(tmp_path, shared, model_dir):
+    d = tmp_path/'in'; (d/'nested').mkdir(parents=True)
+    real = list(shared.path[shared.label == 'normal'].head(2)) + list(shared.path[shared.label == 'covid'].tail(2))
+    for f in real[:2]: shutil.copy(f, d/'nested')
+    (d/'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'\0' * 40)
+    r = cli('predict', '--model', model_dir, d, *real[2:], '--out', tmp_path/'p.csv')
+    assert r.returncode == 0, r.stderr
+    p = pd.read_csv(tmp_path/'p.csv', keep_default_na=False)
+    assert len(p) == 5 and list(p.columns) == ['file', 'predicted', 'prob_covid', 'prob_pneumonia', 'error']
+    bad = p[p.file.str.endswith('corrupt.png')]
+    assert len(bad) == 1 and bad.error.iloc[0] and bad.predicted.iloc[0] == ''
+    good = p[p.error == '']
+    assert len(good) == 4 and np.allclose(good[['prob_covid', 'prob_pneumonia']].astype(float).sum(axis=1), 1, atol=1e-4)
+    assert set(good.predicted) <= {'covid', 'pneumonia'}
+    assert 'predicted 4 of 5' in r.stderr and 'corrupt.png' in r.stderr
+    r = cli('predict', '--model', model_dir, *real[2:])  # CSV on stdout
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 3
