@@ -1,0 +1,158 @@
+"""covidcxr.evaluate: metrics agree with scikit-learn, the patient (cluster) bootstrap behaves as it should,
+thresholds and folds are reproducible. Pure numpy: runs in seconds."""
+import numpy as np, pandas as pd, pytest
+from sklearn.metrics import (accuracy_score, recall_score, precision_score, f1_score, roc_auc_score,
+                             confusion_matrix)
+from covidcxr.evaluate import (metric_arrays, patient_weights, bootstrap_ci, evaluate, choose_threshold,
+                               threshold_metrics, patient_kfold, operating_point)
+
+
+def _preds(n, C, seed, signal=1.0):
+    r = np.random.default_rng(seed)
+    t = r.integers(0, C, n)
+    logits = r.normal(0, 1, (n, C)); logits[np.arange(n), t] += signal
+    logits = np.round(logits, 1)   # ties in the scores, as real models produce after rounding
+    p = np.exp(logits); return p / p.sum(1, keepdims=True), t
+
+
+@pytest.mark.parametrize('C,seed', [(2, 0), (2, 1), (3, 2), (3, 3)])
+def test_point_metrics_match_sklearn(C, seed):
+    p, t = _preds(60, C, seed)
+    vocab = [f'c{i}' for i in range(C)]
+    m = {k: v[0] for k, v in metric_arrays(p, t, vocab, np.ones(len(t))).items()}
+    pred = p.argmax(1)
+    assert m['accuracy'] == pytest.approx(accuracy_score(t, pred))
+    for c, n in enumerate(vocab):
+        yb, pb = (t == c).astype(int), (pred == c).astype(int)
+        assert m[f'{n}/sensitivity'] == pytest.approx(recall_score(yb, pb))
+        assert m[f'{n}/specificity'] == pytest.approx(recall_score(1 - yb, 1 - pb))
+        assert m[f'{n}/ppv'] == pytest.approx(precision_score(yb, pb, zero_division=np.nan))
+        assert m[f'{n}/npv'] == pytest.approx(precision_score(1 - yb, 1 - pb))
+        assert m[f'{n}/f1'] == pytest.approx(f1_score(yb, pb))
+        score = p[:, c] if C > 2 else (p[:, 1] if c == 1 else -p[:, 1])   # sklearn's binary AUC scores p1
+        assert m[f'{n}/auc'] == pytest.approx(roc_auc_score(yb, score))
+        assert m[f'{n}/prevalence'] == pytest.approx(yb.mean())
+    macro = roc_auc_score(t, p[:, 1]) if C == 2 else roc_auc_score(t, p, multi_class='ovr', average='macro')
+    assert m['macro_auc'] == pytest.approx(macro)
+
+
+def test_confusion_matches_sklearn():
+    p, t = _preds(50, 3, 7)
+    r = evaluate(p, t, list('abc'), np.arange(50), n_boot=50)
+    assert (r.confusion().values == confusion_matrix(t, p.argmax(1))).all()
+    assert np.allclose(r.confusion(normalize=True).values.sum(1), 1)
+    c = r.counts()
+    assert (c[['TP', 'FP', 'TN', 'FN']].sum(axis=1) == 50).all()
+
+
+def test_weighted_metrics_equal_explicit_resample():
+    p, t = _preds(40, 3, 4)
+    w = np.random.default_rng(0).integers(0, 4, 40)
+    idx = np.repeat(np.arange(40), w)
+    m = {k: v[0] for k, v in metric_arrays(p, t, list('abc'), w[None]).items()}
+    assert m['accuracy'] == pytest.approx(accuracy_score(t[idx], p[idx].argmax(1)))
+    for c in range(3): assert m[f'{"abc"[c]}/auc'] == pytest.approx(roc_auc_score(t[idx] == c, p[idx, c]))
+
+
+def test_one_patient_many_images_counts_once():
+    pids = np.array(['big'] * 10 + [f'p{i}' for i in range(9)])
+    W = patient_weights(pids, 5000, seed=0)
+    assert (W[:, :10] == W[:, [0]]).all()                       # the patient's images move together
+    assert W[:, 0].mean() == pytest.approx(1.0, abs=0.06)       # drawn once per resample on average, like anyone
+    assert W[:, 10:].mean() == pytest.approx(1.0, abs=0.06)
+    # resampling images instead would draw each of big's images ~1x independently: its total would vary less
+    assert W[:, :10].sum(1).std() > 2 * np.sqrt(10 * 0.9)
+
+
+def test_matches_manual_cluster_bootstrap():
+    r = np.random.default_rng(1)
+    pids = np.array([f'pt{i}' for i in range(30) for _ in range(1 + i % 4)])
+    t = np.array([i % 2 for i in range(30) for _ in range(1 + i % 4)])
+    s = np.clip(0.3 * t + r.uniform(0, 0.7, len(t)), 0, 1); p = np.stack([1 - s, s], 1)
+    fast, _ = bootstrap_ci(lambda W: metric_arrays(p, t, ['n', 'y'], W), pids, n_boot=200, seed=5)
+    codes, uniq = pd.factorize(pids)
+    draws = np.random.default_rng(5).integers(0, len(uniq), size=(200, len(uniq)))
+    auc, acc = [], []
+    for d in draws:
+        idx = np.concatenate([np.flatnonzero(codes == j) for j in d])
+        auc.append(roc_auc_score(t[idx], p[idx, 1])); acc.append(accuracy_score(t[idx], p[idx].argmax(1)))
+    assert fast['y/auc']['ci_low'] == pytest.approx(np.quantile(auc, .025))
+    assert fast['y/auc']['ci_high'] == pytest.approx(np.quantile(auc, .975))
+    assert fast['accuracy']['ci_low'] == pytest.approx(np.quantile(acc, .025))
+
+
+def test_interval_shrinks_with_sample_size():
+    widths = {}
+    for n in (30, 120, 480):
+        w = []
+        for rep in range(4):
+            p, t = _preds(n, 2, 100 + rep, signal=1.0)
+            ci, _ = bootstrap_ci(lambda W: metric_arrays(p, t, ['a', 'b'], W), np.arange(n), n_boot=800, seed=rep)
+            w.append([ci[k]['ci_high'] - ci[k]['ci_low'] for k in ('accuracy', 'b/auc', 'b/sensitivity')])
+        widths[n] = np.mean(w, 0)
+    assert (widths[30] > widths[120]).all() and (widths[120] > widths[480]).all()
+    assert (widths[30] / widths[480] > 2.5).all()
+
+
+def test_ci_contains_value_and_is_seeded():
+    p, t = _preds(80, 3, 9)
+    pids = np.repeat(np.arange(40), 2)
+    a = evaluate(p, t, list('abc'), pids, n_boot=500, seed=1)
+    b = evaluate(p, t, list('abc'), pids, n_boot=500, seed=1)
+    assert a.metrics == b.metrics
+    for v in a.metrics.values(): assert v['ci_low'] <= v['value'] <= v['ci_high']
+    d = a.to_dict()
+    assert (d['split'], d['n_images'], d['n_patients']) == ('test', 80, 40)
+    assert all(set(v) == {'value', 'ci_low', 'ci_high'} for v in d['metrics'].values())
+
+
+def test_degenerate_resamples_are_skipped_and_counted():
+    p = np.array([[.8, .2], [.7, .3], [.4, .6], [.9, .1], [.3, .7], [.6, .4]]); t = np.array([0, 0, 1, 0, 0, 0])
+    r = evaluate(p, t, ['neg', 'pos'], [f'z{i}' for i in range(6)], n_boot=600, seed=0)
+    assert r.skipped['accuracy'] == 0
+    assert 0.25 < r.skipped['pos/auc'] / 600 < 0.42      # (5/6)^6 = 33% of resamples have no positive
+    assert np.isfinite(r['pos/auc']['ci_low'])
+
+
+def test_class_absent_from_whole_split():
+    p = np.array([[.8, .2], [.7, .3], [.6, .4]]); t = np.array([0, 0, 0])
+    r = evaluate(p, t, ['neg', 'pos'], ['a', 'b', 'c'], n_boot=100)
+    d = r.to_dict()
+    assert 'pos/auc' in d['undefined'] and 'pos/auc' not in d['metrics']
+    assert d['metrics']['accuracy']['value'] == 1.0
+
+
+def test_threshold_chosen_on_valid_reported_on_test():
+    pv = np.array([.9, .8, .6, .3, .5, .2, .1, .05]); tv = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    Pv = np.stack([1 - pv, pv], 1)
+    assert choose_threshold(Pv, tv, ['normal', 'covid'], 'covid', 0.75) == 0.6
+    assert choose_threshold(Pv, tv, ['normal', 'covid'], 'covid', 0.95) == 0.3
+    valid = evaluate(Pv, tv, ['normal', 'covid'], np.arange(8), split='valid', n_boot=50)
+    pt = np.array([.95, .35, .25, .7, .4, .1]); tt = np.array([1, 1, 1, 0, 0, 0])
+    test = evaluate(np.stack([1 - pt, pt], 1), tt, ['normal', 'covid'], np.arange(6), split='test', n_boot=300)
+    op = operating_point(valid, test, 'covid', 0.95)
+    assert op['threshold'] == 0.3 and op['chosen_on'] == 'valid' and op['reported_on'] == 'test'
+    assert op['metrics']['sensitivity']['value'] == pytest.approx(2 / 3)
+    assert op['metrics']['specificity']['value'] == pytest.approx(1 / 3)
+    for v in op['metrics'].values(): assert v['ci_low'] <= v['value'] <= v['ci_high']
+
+
+def test_bad_inputs_are_named():
+    p = np.array([[.5, .5], [.2, .8]])
+    with pytest.raises(ValueError, match='probs must be'): evaluate(p, [0, 1], list('abc'), [1, 2])
+    with pytest.raises(ValueError, match='summing to 1'): evaluate(p * 3, [0, 1], list('ab'), [1, 2])
+    with pytest.raises(ValueError, match='patient_ids must have one id per image'): evaluate(p, [0, 1], list('ab'), [1])
+    with pytest.raises(ValueError, match='not one of the classes'): choose_threshold(p, [0, 1], ['a', 'b'], 'covid')
+
+
+def test_kfold_grouped_stratified_and_seeded():
+    r = np.random.default_rng(0)
+    df = pd.DataFrame({'patient_id': [f'p{i}' for i in range(60) for _ in range(1 + i % 3)]})
+    df['label'] = df.patient_id.map(lambda s: ['covid', 'pneumonia'][int(s[1:]) % 2])
+    a, b, c = patient_kfold(df, 5, 42), patient_kfold(df, 5, 42), patient_kfold(df, 5, 7)
+    assert (a.fold == b.fold).all()
+    assert not (a.fold == c.fold).all()
+    assert a.groupby('patient_id').fold.nunique().max() == 1
+    per_fold = a.groupby('fold').apply(lambda g: g.drop_duplicates('patient_id').label.value_counts())
+    assert per_fold.min() >= 5   # 30 patients per label over 5 folds, 6 each give or take one
+    with pytest.raises(ValueError, match='at least 5 patients per label'): patient_kfold(df.head(6), 5)

@@ -1,0 +1,90 @@
+"""covidcxr.report: a saved run evaluated end to end writes a self-contained report.html (every section, every
+embedded image decodes, nothing fetched from elsewhere) and a metrics.json whose intervals contain their values.
+Trains one small real model (efficientnet_lite0, 64 px, one epoch) on the 146 recipe: about a minute on 2 cores."""
+import base64, io, json, os, re, shutil, subprocess, tempfile
+from pathlib import Path
+import pandas as pd, pytest
+from PIL import Image
+
+pytestmark = pytest.mark.skipif(not os.environ.get('COVIDCXR_DATA'), reason='needs COVIDCXR_DATA (the shared X-rays)')
+SECTIONS = ('model', 'data', 'metrics', 'plots', 'errors', 'notes')
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    from covidcxr.core import seed_everything
+    from covidcxr.data import load_dataset, covid_vs_pneumonia_146, patient_split, cxr_dls
+    from covidcxr.learner import build_learner, fine_tune_cxr, save_model
+    seed_everything(0)
+    df = patient_split(covid_vs_pneumonia_146(load_dataset())[0], seed=42)
+    learn = build_learner(cxr_dls(df, size=64, bs=16), 'efficientnet_lite0')
+    fine_tune_cxr(learn, epochs=1, lr=2e-3, freeze_epochs=0)
+    run = tmp_path_factory.mktemp('runs')/'run146'
+    save_model(learn, run/'model')
+    df[['file', 'patient_id', 'label', 'split']].to_csv(run/'splits.csv', index=False)
+    return run
+
+
+@pytest.fixture(scope='module')
+def report(run_dir):
+    from covidcxr.report import evaluate_run
+    return evaluate_run(run_dir, split='test', n_boot=500, k=4)
+
+
+def test_html_has_every_section_and_images_decode(report):
+    html = report.read_text()
+    for s in SECTIONS: assert f'<section id="{s}">' in html, s
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(imgs) >= 5
+    for b in imgs:
+        im = Image.open(io.BytesIO(base64.b64decode(b))); im.load()
+        assert min(im.size) > 50
+    body = re.sub(r'data:image/png;base64,[^"]+', '', html)
+    assert not re.search(r'(src|href)="(https?:)?//', body)     # self-contained: nothing fetched
+    assert 'by patient' in html and '95% CI' in html
+
+
+def test_metrics_json(report, run_dir):
+    d = json.loads((report.parent/'metrics.json').read_text())
+    sp = pd.read_csv(run_dir/'splits.csv')
+    t = sp[sp.split == 'test']
+    assert (d['split'], d['n_images'], d['n_patients']) == ('test', len(t), t.patient_id.nunique())
+    assert {'accuracy', 'macro_auc', 'ece', 'covid/sensitivity', 'covid/ppv', 'covid/prevalence'} <= set(d['metrics'])
+    for k, v in d['metrics'].items():
+        assert set(v) == {'value', 'ci_low', 'ci_high'}, k
+        assert v['ci_low'] <= v['value'] <= v['ci_high'], k
+    op = d['operating_point']
+    assert op['chosen_on'] == 'valid' and op['reported_on'] == 'test'
+    for v in op['metrics'].values(): assert v['ci_low'] <= v['value'] <= v['ci_high']
+
+
+def test_missing_file_reported_not_dropped_silently(run_dir, tmp_path):
+    from covidcxr.report import evaluate_run
+    bad = tmp_path/'run'; shutil.copytree(run_dir, bad)
+    sp = pd.read_csv(bad/'splits.csv'); i = sp.index[sp.split == 'test'][0]
+    sp.loc[i, 'file'] = 'images/nowhere/missing.jpg'; sp.to_csv(bad/'splits.csv', index=False)
+    with pytest.warns(UserWarning, match='missing.jpg'):
+        rep = evaluate_run(bad, split='test', n_boot=100, cam=None, k=2)
+    d = json.loads((rep.parent/'metrics.json').read_text())
+    assert d['skipped_files'][0]['file'].endswith('missing.jpg') and 'not found' in d['skipped_files'][0]['reason']
+    assert d['n_images'] == (sp.split == 'test').sum() - 1
+    assert 'missing.jpg' in rep.read_text()
+
+
+def test_clear_errors(run_dir):
+    from covidcxr.report import evaluate_run
+    with pytest.raises(ValueError, match="no rows in split 'train2'"): evaluate_run(run_dir, split='train2')
+    with pytest.raises(FileNotFoundError, match='no splits.csv'): evaluate_run(run_dir/'model')
+
+
+@pytest.mark.skipif(not shutil.which('chromium'), reason='chromium not installed')
+def test_browser_renders_every_section(report):
+    prof = tempfile.mkdtemp()
+    r = subprocess.run(['chromium', '--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
+                        '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                        f'--user-data-dir={prof}', '--dump-dom', report.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    dom = r.stdout
+    for s in SECTIONS: assert f'id="{s}"' in dom, s
+    assert dom.count('<img') >= 5
+    shutil.rmtree(prof, ignore_errors=True)
