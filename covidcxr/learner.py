@@ -22,6 +22,8 @@ __all__ = ['TORCHVISION_ARCHS', 'TIMM_ARCHS', 'OFFLINE_PACKAGES', 'arch_kind', '
 TORCHVISION_ARCHS = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50,
                      'densenet121': densenet121, 'mobilenet_v2': torchvision.models.mobilenet_v2}
 TIMM_ARCHS = ('efficientnet_lite0', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny')
+# fastai has no metadata for MobileNetV2: its body is `features` (cut before the classifier)
+model_meta.setdefault(torchvision.models.mobilenet_v2, {'cut': -1, 'split': default_split, 'stats': imagenet_stats})
 
 def arch_kind(arch:str)->str:
     "'torchvision' or 'timm' for a supported architecture name; a clear error otherwise."
