@@ -15,7 +15,7 @@ from .interpret import cxr_interpretation, top_losses_table, most_confused_table
 
 # %% auto #0
 __all__ = ['ORDER', 'NAMES', 'fig_png', 'metrics_frame', 'write_report', 'data_summary_frame', 'split_summary_frame',
-           'error_galleries', 'write_run_report', 'evaluate_run']
+           'error_galleries', 'evaluate_run']
 
 # %% ../nbs/08_report.ipynb #665443dd
 def fig_png(fig, dpi:int=90)->bytes:
@@ -168,25 +168,6 @@ def error_galleries(learn, # the learner
     galleries = {f'Top {k} losses ({cam or "no heatmap"})': top_losses_gallery(learn, interp, k=k, cam=cam)}
     galleries.update({f'{c}: true / false positives / negatives': f for c, f in outcome_galleries(learn, res, k=max(2, k // 2), cam=cam).items()})
     return galleries, {'Top losses': top_losses_table(interp, k), 'Most confused': most_confused_table(interp)}
-
-def write_run_report(out, # the run folder
-                     learn, # the trained learner
-                     df:pd.DataFrame, # the run's table with `split`
-                     res:dict, # {'valid': CXRMetrics, 'test': CXRMetrics} from `evaluate_learner`
-                     metrics:dict|None=None, # the run's metrics dict (its 'run' entry is shown as model information)
-                     cam:str|None='gradcam', k:int=6)->Path:
-    "`report.html` for a run just trained (`train_run`): test-split metrics, plots, galleries; the caller writes metrics.json."
-    out = Path(out); test = res['test']
-    galleries, tables = error_galleries(learn, df, test, cam=cam, k=k)
-    figures = {'Confusion matrix': test.plot_confusion(), 'ROC curves': test.plot_roc(), 'Reliability diagram': test.plot_reliability()}
-    for name, cap in (('losses.png', 'Training and validation loss'), ('lr_find.png', 'Learning-rate finder')):
-        if (out/name).is_file(): figures[cap] = (out/name).read_bytes()
-    run = (metrics or {}).get('run', {})
-    notes = [f"The model fell back to {run.get('arch')}: {run['fallback_reason']}"] if run.get('fallback_reason') else []
-    if 'valid' in res: notes.append(f"Validation split: {res['valid']!r}".replace('CXRMetrics', ''))
-    return write_report(out, test, figures=figures, galleries=galleries, data_summary=data_summary_frame(df),
-                        split_summary=split_summary_frame(df), title=f"covidcxr run: {out.name}", model_info=run or None,
-                        tables=tables, notes=notes, write_json=False)
 
 def evaluate_run(model_dir, # run folder: `splits.csv` + `model/` (or a model folder with splits.csv beside it)
                  data=None, # dataset folder holding the images (default: `data_root()`)
