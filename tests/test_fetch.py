@@ -22,7 +22,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header('Content-Length', str(len(DATA) - start)); self.end_headers()
         body = DATA[start:]
         if s.drops: body = body[:s.drops.pop(0)]; self.close_connection = True
-        self.wfile.write(body); s.served += len(body)
+        s.served += len(body)  # counted before writing: the client may finish reading before this thread resumes
+        self.wfile.write(body)
 
 @pytest.fixture
 def server():
