@@ -191,7 +191,7 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument('--model', required=True, metavar='DIR', help='run folder or model folder from `covidcxr train`')
     s.add_argument('--data', metavar='PATH', help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data)')
     s.add_argument('--split', default='test', help='split to evaluate (default: test)')
-    s.add_argument('--out', metavar='DIR', help='where to write the report (default: the run folder)')
+    s.add_argument('--out', metavar='DIR', help='where to write the report (default: DIR/report-SPLIT)')
 
     s = _sub(subs, 'predict', 'class probabilities for image files or folders',
         'Predict each image (PNG, JPEG, BMP, TIFF, DICOM; folders are searched recursively) with a saved\n'

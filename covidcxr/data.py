@@ -7,12 +7,12 @@ from __future__ import annotations
 from fastai.vision.all import *
 import pandas as pd, numpy as np
 from .core import *
+import covidcxr.core as core  # `core.num_workers`: `num_workers` is also a parameter name below
 
 # %% auto #0
-__all__ = ['REQUIRED_COLS', 'OPTIONAL_COLS', 'FRONTAL', 'RECIPES', 'num_workers_default', 'DatasetError', 'load_dataset',
-           'select_balanced', 'recipe_report', 'covid_vs_pneumonia_146', 'covid_vs_normal_392', 'three_class',
-           'get_recipe', 'patient_split', 'split_summary', 'cxr_aug_transforms', 'cxr_image_cls', 'cxr_dblock',
-           'cxr_dls']
+__all__ = ['REQUIRED_COLS', 'OPTIONAL_COLS', 'FRONTAL', 'RECIPES', 'DatasetError', 'load_dataset', 'select_balanced',
+           'recipe_report', 'covid_vs_pneumonia_146', 'covid_vs_normal_392', 'three_class', 'get_recipe',
+           'patient_split', 'split_summary', 'cxr_aug_transforms', 'cxr_image_cls', 'cxr_dblock', 'cxr_dls']
 
 # %% ../nbs/01_data.ipynb #2b2fa546
 REQUIRED_COLS = ('file', 'label', 'patient_id')
@@ -197,9 +197,7 @@ def cxr_dls(df:pd.DataFrame, # table with `path`, `label` and `split` (from `pat
         if not (tv.split == s).any(): raise DatasetError(f"the `{s}` split is empty")
     vocab = sorted(df.label.unique())
     dls = cxr_dblock(vocab=vocab, size=size, **kwargs).dataloaders(
-        tv, bs=bs, seed=seed, num_workers=ifnone(num_workers, num_workers_default()),
+        tv, bs=bs, seed=seed, num_workers=ifnone(num_workers, core.num_workers()),
         device=ifnone(device, default_device()))
     dls.cxr_size, dls.cxr_presize = size, kwargs.get('presize') or int(round(size * 1.15))
     return dls
-
-num_workers_default = num_workers  # `num_workers` is also a parameter name above

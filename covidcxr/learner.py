@@ -206,8 +206,8 @@ def build_learner(dls:DataLoaders, # from `cxr_dls`
     _add_norm(dls, mean, std, n_in)
     learn.arch, learn.n_in = arch, n_in
     learn.weights_source = w.source if pretrained else 'none: pretrained=False (random initialisation)'
-    learn.norm_stats = [m.mean.flatten().tolist() for m in dls.after_batch.fs.filter(risinstance(Normalize))][0], \
-                       [m.std.flatten().tolist() for m in dls.after_batch.fs.filter(risinstance(Normalize))][0]
+    norm = dls.after_batch.fs.filter(risinstance(Normalize))[0]
+    learn.norm_stats = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
     learn.model_kwargs = {k: v for k, v in kwargs.items() if k in ('lin_ftrs', 'ps', 'concat_pool', 'first_bn', 'bn_final', 'lin_first')}
     if dls.device is not None and torch.device(dls.device).type == 'cuda':
         if ifnone(channels_last, True): learn.model.to(memory_format=torch.channels_last)
@@ -255,7 +255,7 @@ def fine_tune_cxr(learn:Learner, # a learner from `build_learner`
     "fastai's `fine_tune` (frozen, then unfrozen with discriminative rates); returns the base learning rate used."
     if lr == 'auto': lr, _ = quick_lr_find(learn, show_plot=False)
     cb = [] if is_interactive() else [PlainProgress()]
-    with (nullcontext() if is_interactive() else learn.no_bar()), (nullcontext() if is_interactive() else learn.no_logging()):
+    with _quiet(learn):
         learn.fine_tune(epochs, base_lr=float(lr), freeze_epochs=freeze_epochs, cbs=cb, **kwargs)
     return float(lr)
 
