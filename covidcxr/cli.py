@@ -131,15 +131,20 @@ def build_parser()->argparse.ArgumentParser:
     s = _sub(subs, 'fetch', 'download the public data sets and prepare them',
         'Download the ieee8023 COVID-19 collection and the NIH ChestX-ray8 subset at their pinned commits,\n'
         'verify them, and prepare one dataset folder (metadata.csv + grayscale images, longer side 512 px).\n'
-        'Interrupted downloads resume when run again.',
+        'Interrupted downloads resume when run again. The NIH images\' view, sex and age come from NIH\'s own\n'
+        'table (--nih-metadata); without it they have none.',
         """\
         covidcxr fetch                                # into ~/.covidcxr/data
         covidcxr fetch --dest data/cxr --sources ieee8023
+        covidcxr fetch --nih-metadata ~/Downloads/Data_Entry_2017_v2020.csv  # NIH views, sex and age
         covidcxr fetch --base-url http://mirror.local  # a mirror with the same layout as github.com""")
     s.add_argument('--dest', metavar='DIR', help='dataset folder to create (default: ~/.covidcxr/data)')
     s.add_argument('--sources', nargs='+', default=['ieee8023', 'nih'], choices=['ieee8023', 'nih'], help='which sources (default: both)')
     s.add_argument('--base-url', nargs='+', metavar='URL', help='a base URL for all sources, or SOURCE=URL pairs (default: $COVIDCXR_FETCH_BASE, then github.com)')
     s.add_argument('--size', type=_pos_int, default=512, metavar='PX', help='longer side of the prepared images (default: 512)')
+    s.add_argument('--nih-metadata', metavar='FILE|URL', help="NIH's Data_Entry_2017.csv (or _v2020), for the NIH images' view, sex and age; "
+                   'from https://nihcc.app.box.com/v/ChestXray-NIHCC (default: $COVIDCXR_NIH_METADATA; without it the NIH images '
+                   'have no view and the PA-only and frontal recipes leave them out)')
 
     s = _sub(subs, 'prepare', 'turn a folder-per-class tree or a CSV into a dataset',
         'Convert your own images (PNG, JPEG, DICOM, mixed) into a covidcxr dataset folder: metadata.csv plus\n'
@@ -241,7 +246,7 @@ def cmd_fetch(a)->int:
         if pairs and len(pairs) != len(a.base_url): raise CLIError('--base-url: give one URL, or SOURCE=URL pairs, not both', EXIT_USAGE)
         base = dict(pairs) if pairs else a.base_url[0]
         if not pairs and len(a.base_url) > 1: raise CLIError('--base-url: give one URL, or SOURCE=URL pairs', EXIT_USAGE)
-    res = fetch(a.dest, sources=tuple(a.sources), base_urls=base, size=a.size)
+    res = fetch(a.dest, sources=tuple(a.sources), base_urls=base, size=a.size, nih_metadata=a.nih_metadata)
     print(res.summary())
     return EXIT_OK if res.n_prepared else EXIT_FAILED
 

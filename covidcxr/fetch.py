@@ -12,8 +12,9 @@ from .prepare import *
 from .prepare import prepare_items, file_sha256
 
 # %% auto #0
-__all__ = ['SOURCES', 'DEFAULT_BASE', 'ENV_BASE', 'NOT_PNEUMONIA', 'NIH_DIR', 'NIH_FOLDERS', 'DownloadError', 'base_url',
-           'archive_url', 'download', 'ieee8023_label', 'ieee8023_items', 'nih_items', 'fetch']
+__all__ = ['SOURCES', 'DEFAULT_BASE', 'ENV_BASE', 'NOT_PNEUMONIA', 'NIH_DIR', 'NIH_FOLDERS', 'NIH_META_ENV', 'NIH_META_HELP',
+           'NIH_META_COLS', 'DownloadError', 'base_url', 'archive_url', 'download', 'ieee8023_label', 'ieee8023_items',
+           'nih_items', 'read_nih_metadata', 'fetch']
 
 # %% ../nbs/04_fetch.ipynb #bca92c38
 SOURCES = {
@@ -125,7 +126,7 @@ def _raw_url(source, path):
     return f"https://raw.githubusercontent.com/{s['repo']}/{s['commit']}/" + urllib.parse.quote(path)
 
 def ieee8023_items(repo_dir:Path)->tuple:
-    "Items for `prepare_items` from an ieee8023 checkout, and notes on what was left out."
+    "Items for `prepare_items` from an ieee8023 checkout, notes on what was left out, and skipped files (none)."
     md = pd.read_csv(repo_dir/'metadata.csv', dtype=str, keep_default_na=False)
     n0 = len(md)
     md = md[(md.modality == 'X-ray') & (md.folder == 'images')]
@@ -143,27 +144,77 @@ def ieee8023_items(repo_dir:Path)->tuple:
         items.append(dict(src=repo_dir/'images'/r.filename, rel=f'ieee8023/images/{r.filename}', name=r.filename, subdir='ieee8023',
                           label=r.label, finding=r.finding, patient_id=f'ieee8023-{r.patientid}', source='ieee8023',
                           view=r.view, sex=r.sex, age=r.age, license=r.license or 'unknown', url=_raw_url('ieee8023', f'images/{r.filename}')))
-    return items, notes
+    return items, notes, []
 
 NIH_DIR = 'X-Ray Image DataSet'
 NIH_FOLDERS = {'No_findings': ('normal', 'No Finding'), 'Pneumonia': ('pneumonia', 'Pneumonia')}
 
-def nih_items(repo_dir:Path)->tuple:
-    "Items for `prepare_items` from the muhammedtalo/COVID-19 checkout (NIH images only)."
-    items, notes = [], {}
+def _nih_agrees(label:str, finding:str)->bool:
+    "Does NIH's own `Finding Labels` text agree with the folder's label?"
+    labs = finding.split('|')
+    return labs == ['No Finding'] if label == 'normal' else 'Pneumonia' in labs
+
+def nih_items(repo_dir:Path, # the muhammedtalo/COVID-19 checkout
+              nih_meta:pd.DataFrame|None=None, # `read_nih_metadata` table (None: no view, sex or age)
+             )->tuple:
+    "Items for `prepare_items` from the muhammedtalo/COVID-19 checkout (NIH images only), notes, and skipped files."
+    items, notes, skipped, missing, mismatch = [], {}, [], [], 0
     base = repo_dir/NIH_DIR
     for folder,(label,finding) in NIH_FOLDERS.items():
         for p in sorted((base/folder).glob('*')):
             if not p.is_file(): continue
+            rel = f'nih/{NIH_DIR}/{folder}/{p.name}'
             m = re.match(r'^(\d{8})_\d{3}', p.name)
-            items.append(dict(src=p, rel=f'nih/{NIH_DIR}/{folder}/{p.name}', name=p.name, subdir='nih', label=label, finding=finding,
-                              patient_id=f'nih-{int(m.group(1))}' if m else None, source='nih-chestxray8',
-                              license='CC0 (NIH Clinical Center)', url=_raw_url('nih', f'{NIH_DIR}/{folder}/{p.name}')))
+            it = dict(src=p, rel=rel, name=p.name, subdir='nih', label=label, finding=finding,
+                      patient_id=f'nih-{int(m.group(1))}' if m else None, source='nih-chestxray8',
+                      license='CC0 (NIH Clinical Center)', url=_raw_url('nih', f'{NIH_DIR}/{folder}/{p.name}'))
+            if nih_meta is not None:
+                key = p.name if p.name in nih_meta.index else p.stem + '.png'
+                if key not in nih_meta.index: missing.append(rel)
+                else:
+                    r = nih_meta.loc[key]
+                    if not _nih_agrees(label, r.finding):
+                        skipped.append((rel, f"NIH's labels {r.finding!r} disagree with its folder {folder!r}")); mismatch += 1; continue
+                    pid = f'nih-{int(r.pid)}' if str(r.pid).isdigit() else it['patient_id']
+                    it.update(finding=r.finding, patient_id=pid, view=r.view, sex=r.sex, age=r.age)
+            items.append(it)
     cov = base/'Covid-19'
     if cov.is_dir(): notes['nih Covid-19 folder not used (copies of ieee8023 images)'] = sum(1 for p in cov.glob('*') if p.is_file())
-    return items, notes
+    if nih_meta is None:
+        notes['nih images without view, sex and age'] = (f"{len(items)}: pass {NIH_META_HELP} to fetch (nih_metadata= or --nih-metadata); "
+                                                          "without a view the PA-only and frontal recipes leave these images out")
+    else:
+        if missing: notes['nih images not in the NIH metadata (no view, sex or age)'] = f"{len(missing)}: " + ', '.join(missing[:10]) + (' ...' if len(missing) > 10 else '')
+        if mismatch: notes['nih images whose NIH labels disagree with their folder (skipped)'] = mismatch
+        bad_age = sum(1 for it in items if it['rel'] not in missing and it.get('age') == '' and it['name'] in nih_meta.index and nih_meta.loc[it['name'], 'age_raw'] != '')
+        if bad_age: notes['nih ages outside 0-120 left empty'] = bad_age
+    return items, notes, skipped
 
 # %% ../nbs/04_fetch.ipynb #b15fd588
+NIH_META_ENV = 'COVIDCXR_NIH_METADATA'
+NIH_META_HELP = "NIH's Data_Entry_2017.csv (or Data_Entry_2017_v2020.csv, from https://nihcc.app.box.com/v/ChestXray-NIHCC)"
+NIH_META_COLS = {'Image Index': 'name', 'Finding Labels': 'finding', 'Patient ID': 'pid',
+                 'Patient Age': 'age', 'Patient Gender': 'sex', 'View Position': 'view'}
+
+def read_nih_metadata(path, # NIH's `Data_Entry_2017.csv` or `Data_Entry_2017_v2020.csv`
+                     )->pd.DataFrame:
+    "NIH's table indexed by image file name, with `finding`, `pid`, `sex`, `view`, `age` (0-120, else empty) and `age_raw`."
+    path = Path(path).expanduser()
+    if not path.is_file(): raise PrepareError(f"{path}: no such file (expected {NIH_META_HELP})")
+    try: md = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PrepareError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from e
+    miss = [c for c in NIH_META_COLS if c not in md.columns]
+    if miss: raise PrepareError(f"{path}: not NIH's Data_Entry table: no column(s) {', '.join(repr(c) for c in miss)}")
+    md = md[list(NIH_META_COLS)].rename(columns=NIH_META_COLS)
+    dup = md.name.duplicated()
+    if dup.any(): raise PrepareError(f"{path}: {int(dup.sum())} image name(s) listed twice, e.g. {md.name[dup].iloc[0]}")
+    md['age_raw'] = md.age.str.strip()
+    age = pd.to_numeric(md.age_raw.str.upper().str.rstrip('Y'), errors='coerce')  # an early release wrote ages as '058Y'
+    md['age'] = [str(int(a)) if 0 <= a <= 120 else '' for a in age.fillna(-1)]    # the 2017 table has a few ages over 400
+    return md.set_index('name')
+
+# %% ../nbs/04_fetch.ipynb #84485cc1
 def _extract(archive:Path, to:Path)->Path:
     "Unzip `archive` once into `to` (a marker records completion) and return its single top-level folder."
     done = to/'.extracted'
@@ -188,6 +239,7 @@ def fetch(dest=None, # dataset folder to create (default: `cache_dir()/'data'`)
           keep_archives:bool=True, # keep the downloaded archives (a rerun then prepares without downloading)
           overwrite:bool=True, # replace an existing metadata.csv in `dest`
           progress:bool=True, # report download and preparation progress
+          nih_metadata=None, # NIH's Data_Entry_2017.csv: a path or URL (default: `$COVIDCXR_NIH_METADATA`)
          ):
     "Download the public sources at their pinned commits and prepare them into one covidcxr dataset in `dest`."
     dest = Path(dest).expanduser() if dest is not None else cache_dir()/'data'
@@ -195,16 +247,24 @@ def fetch(dest=None, # dataset folder to create (default: `cache_dir()/'data'`)
         if s not in SOURCES: raise ValueError(f"unknown source {s!r}; known: {', '.join(SOURCES)}")
     if (dest/'metadata.csv').exists() and not overwrite: raise PrepareError(f"{dest}: already holds a metadata.csv; pass overwrite=True")
     dl = dest/'downloads'
-    items, notes, archives = [], {}, {}
+    items, notes, archives, skipped = [], {}, {}, []
+    nih_metadata = nih_metadata or os.environ.get(NIH_META_ENV) or None
+    nih_meta = None
+    if nih_metadata and 'nih' in sources:  # read it first: a wrong file should fail before the long downloads
+        src = str(nih_metadata)
+        f = (download(src, dl/f"nih-metadata-{hashlib.sha1(src.encode()).hexdigest()[:8]}.csv", retries=retries, progress=progress)
+             if re.match(r'^https?://', src) else Path(src).expanduser())
+        nih_meta = read_nih_metadata(f)
+        archives['nih-metadata'] = dict(url=src, file=f.name, sha256=file_sha256(f))
     for s in sources:
         url = archive_url(s, base_urls)
         arch = download(url, dl/f"{s}-{SOURCES[s]['commit'][:12]}.zip", sha256=(sha256 or {}).get(s) or SOURCES[s]['sha256'],
                         retries=retries, progress=progress)
         archives[s] = dict(url=url, file=arch.name, sha256=_sidecar(arch).read_text().split()[0])
         repo = _extract(arch, dl/f'{s}-src')
-        it, nt = (ieee8023_items if s == 'ieee8023' else nih_items)(repo)
-        items += it; notes.update(nt)
-    res = prepare_items(items, dest, size=size, notes=notes, progress=progress and is_interactive())
+        it, nt, sk = ieee8023_items(repo) if s == 'ieee8023' else nih_items(repo, nih_meta)
+        items += it; notes.update(nt); skipped += sk
+    res = prepare_items(items, dest, size=size, notes=notes, skipped=skipped, progress=progress and is_interactive())
     res.table.drop(columns=[c for c in res.table.columns if c not in META_COLS]).to_csv(dest/'metadata.csv', index=False)
     (dest/'fetch.json').write_text(json.dumps(dict(sources=archives, prepared=res.n_prepared, skipped=res.n_skipped), indent=1))
     if not keep_archives:

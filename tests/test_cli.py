@@ -54,6 +54,14 @@ def test_data_not_found(tmp_path):
     r = cli('train', '--data', tmp_path/'empty', '--out', tmp_path/'run')
     assert r.returncode == 3 and 'covidcxr fetch' in r.stderr
 
+def test_fetch_bad_nih_metadata(tmp_path):
+    "A wrong NIH table is a usage error (exit 2) naming the file, raised before any download (the base URL points at a closed port)."
+    (tmp_path/'labels.csv').write_text('file,label\na.png,covid\n')
+    for f, why in [(tmp_path/'labels.csv', "not NIH's Data_Entry table: no column(s) 'Image Index'"), (tmp_path/'nope.csv', 'no such file')]:
+        r = cli('fetch', '--dest', tmp_path/'ds', '--base-url', 'http://127.0.0.1:9', '--nih-metadata', f)
+        assert r.returncode == 2 and f"{f}: {why}" in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert not (tmp_path/'ds'/'downloads').exists()
+
 def test_prepare_reports_bad_file(tmp_path, shared):
     tree = tmp_path/'tree'
     for l in ('covid', 'pneumonia'):
