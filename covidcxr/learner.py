@@ -222,8 +222,11 @@ def quick_lr_find(learn:Learner, # a learner from `build_learner`
                   show_plot:bool=True):
     "fastai's `lr_find`, sized for small data; returns `(suggested_lr, figure)`."
     num_it = ifnone(num_it, int(np.clip(3 * len(learn.dls.train), 20, 100)))
+    mdir = Path(learn.path)/learn.model_dir
+    existed = mdir.exists()
     with _quiet(learn):
         res = learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it, show_plot=show_plot, suggest_funcs=(valley,))
+    if not existed and mdir.is_dir() and not any(mdir.iterdir()): mdir.rmdir()  # lr_find's scratch folder, left empty
     fig = plt.gcf() if show_plot else None
     if show_plot: fig.axes[0].set_title(f'LR finder ({num_it} steps): suggestion {res.valley:.2e}')
     return float(res.valley), fig

@@ -1,11 +1,11 @@
 "The installed `covidcxr` console script, run as a subprocess on real shared X-rays: help, exit codes, prepare, predict."
-import os, shutil, subprocess, sys
+import io, json, os, signal, shutil, subprocess, sys, urllib.error, urllib.request
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from covidcxr.core import data_root
 
 EXE = Path(sys.executable).parent/'covidcxr'
-CMDS = ('fetch', 'prepare', 'train', 'evaluate', 'predict', 'audit')
+CMDS = ('fetch', 'prepare', 'train', 'evaluate', 'predict', 'audit', 'serve')
 
 def cli(*args, env=None, **kw):
     "Run the console script (or `python -m covidcxr.cli` if it is not installed) and return the CompletedProcess."
@@ -103,3 +103,29 @@ def test_predict(tmp_path, shared, model_dir):
     assert 'predicted 4 of 5' in r.stderr and 'corrupt.png' in r.stderr
     r = cli('predict', '--model', model_dir, *real[2:])  # CSV on stdout
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 3
+
+def test_serve(model_dir, shared):
+    "`covidcxr serve` on a free port: the page, a prediction equal to `predict`'s, a bad upload's 400, then Ctrl-C exits 0."
+    cmd = [str(EXE)] if EXE.exists() else [sys.executable, '-m', 'covidcxr.cli']
+    p = subprocess.Popen(cmd + ['serve', '--model', str(model_dir), '--port', '0'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith('serving ') and ' at http://127.0.0.1:' in line, line + p.stderr.read()
+        url = line.split(' at ')[1].split()[0]
+        assert 'Not evaluated' in urllib.request.urlopen(url, timeout=30).read().decode()  # a bare model folder: no metrics.json
+        f = Path(shared.path.iloc[0])
+        req = urllib.request.Request(url + 'predict?name=' + f.name, data=f.read_bytes(), method='POST')
+        got = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        ref = cli('predict', '--model', model_dir, f)
+        assert ref.returncode == 0, ref.stderr
+        want = pd.read_csv(io.StringIO(ref.stdout)).iloc[0]
+        assert got['predicted'] == want.predicted and abs(got['probabilities']['covid'] - want.prob_covid) < 1e-4, (got, ref.stdout)
+        req = urllib.request.Request(url + 'predict?name=notes.png', data=b'not an image', method='POST')
+        with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 400 and json.loads(e.value.read())['error'].startswith('notes.png: ')
+    finally:
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and 'stopped' in out, (p.returncode, out, err)
+    r = cli('serve', '--model', model_dir.parent/'nope')
+    assert r.returncode == 2 and 'not a covidcxr model or run folder' in r.stderr
