@@ -14,7 +14,8 @@ from .dicom import read_cxr, CXRReadError
 # %% auto #0
 __all__ = ['HASHES', 'dhash', 'ahash', 'hamming', 'image_hashes', 'LeakageReport', 'leakage_report', 'image_features',
            'patient_bootstrap', 'source_shortcut_check', 'source_summary', 'apply_lung_mask', 'masked_copies',
-           'masked_rescore', 'masked_summary', 'load_splits', 'run_audit']
+           'masked_rescore', 'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats', 'cam_in_lungs',
+           'cam_lung_summary', 'load_splits', 'run_audit']
 
 # %% ../nbs/09_audit.ipynb #ed63209b
 def dhash(img:Image.Image, # any PIL image (converted to grayscale)
@@ -334,7 +335,66 @@ def masked_summary(res:dict)->str:
     else: s.append('  ' + res['auc_note'])
     return '\n'.join(s)
 
-# %% ../nbs/09_audit.ipynb #ab4a3835
+# %% ../nbs/09_audit.ipynb #dbe131f4
+def lung_masks_as_seen(learn, # a fastai Learner
+                       rows:pd.DataFrame, # rows with `path`, `file`, `label` and `mask`
+                      )->np.ndarray:
+    "The rows' lung masks through the learner's own test-time transforms: boolean `(n, H, W)`, aligned with the model input."
+    from covidcxr.interpret import learner_inputs
+    paths = []
+    for _, r in rows.iterrows():
+        mp = _mask_path(r)
+        if mp is None or not mp.is_file(): raise FileNotFoundError(f"{r['file']}: its mask {mp} does not exist")
+        paths.append(str(mp))
+    _, _, m = learner_inputs(learn, rows.assign(path=paths))
+    return m > 0.5
+
+def cam_lung_stats(cams:np.ndarray, # (n, H, W) heatmaps in [0, 1]
+                   lungs:np.ndarray, # (n, H, W) boolean lung masks, aligned with `cams`
+                  )->dict:
+    "Per image: the share of the heat inside the lungs, the lungs' share of the image, and whether the peak is inside."
+    n = len(cams)
+    c, l = cams.reshape(n, -1).astype(float), lungs.reshape(n, -1).astype(bool)
+    return dict(cam_in_lungs=(c * l).sum(1) / np.clip(c.sum(1), 1e-12, None), lung_area=l.mean(1),
+                peak_in_lungs=l[np.arange(n), c.argmax(1)].astype(float))
+
+def cam_in_lungs(learn, # a trained fastai Learner
+                 df:pd.DataFrame, # rows to check (e.g. the test split); only rows with a `mask` are used
+                 method:str='gradcam', # 'gradcam' or 'gradcam++'
+                 n_boot:int=1000, # bootstrap resamples
+                 seed:int=42, # bootstrap seed
+                 split:str|None=None, # name of the split `df` holds, for the report (default: from `df.split`)
+                )->dict:
+    "How much of each Grad-CAM (predicted class) lies inside the lungs, against the lungs' share of the image; patient-bootstrap CIs."
+    from covidcxr.interpret import learner_inputs, grad_cam
+    vocab = list(learn.dls.vocab)
+    rows = df[[_mask_path(r) is not None for _, r in df.iterrows()]]
+    rows = rows[rows.label.isin(vocab)].reset_index(drop=True)
+    if not len(rows): raise ValueError("none of these rows has a lung mask (`mask` column)")
+    lungs = lung_masks_as_seen(learn, rows)
+    x, _, _ = learner_inputs(learn, rows)
+    cams, probs = grad_cam(learn.model, x, method=method)
+    st = cam_lung_stats(cams, lungs)
+    pid = rows.patient_id.values
+    bs = lambda a: patient_bootstrap(lambda w: np.average(a, weights=w), pid, n_boot, seed)
+    return dict(split=split or (','.join(sorted(rows.split.unique())) if 'split' in rows else 'given rows'),
+                n_images=len(rows), n_patients=int(rows.patient_id.nunique()), labels=rows.label.value_counts().to_dict(),
+                method=method, target='predicted class',
+                cam_in_lungs=bs(st['cam_in_lungs']), lung_area=bs(st['lung_area']),
+                excess=bs(st['cam_in_lungs'] - st['lung_area']), peak_in_lungs=bs(st['peak_in_lungs']),
+                images=[dict(file=f, label=l, predicted=vocab[int(p.argmax())], cam_in_lungs=float(a), lung_area=float(b),
+                             peak_in_lungs=bool(c))
+                        for f, l, p, a, b, c in zip(rows.file, rows.label, probs, st['cam_in_lungs'], st['lung_area'], st['peak_in_lungs'])])
+
+def cam_lung_summary(res:dict)->str:
+    "The Grad-CAM-in-the-lungs check as a few readable lines."
+    return '\n'.join([
+        f"{res['method']} inside the lungs on the {res['split']} split: {res['n_images']} images of {res['n_patients']} patients with masks ({res['labels']})",
+        f"  share of the heat inside the lungs: {_ci(res['cam_in_lungs'])}; the lungs cover {_ci(res['lung_area'])} of the image",
+        f"  (what a heatmap blind to anatomy would score): excess {_ci(res['excess'])}",
+        f"  hottest point inside the lungs: {_ci(res['peak_in_lungs'])} of images"])
+
+# %% ../nbs/09_audit.ipynb #55535d1b
 def load_splits(splits_csv, # a run's splits.csv (`file` and `split` columns)
                 df:pd.DataFrame, # the dataset table (`load_dataset`)
                )->pd.DataFrame:

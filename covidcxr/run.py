@@ -12,9 +12,11 @@ from .learner import *
 from .evaluate import *
 from .interpret import *
 from .report import write_report, data_summary_frame, split_summary_frame
+from .audit import cam_in_lungs, masked_rescore, cam_lung_summary, masked_summary, _ci
 
 # %% auto #0
-__all__ = ['SPLIT_DESCRIPTION', 'LossHistory', 'split_sizes', 'split_id', 'train_run']
+__all__ = ['SPLIT_DESCRIPTION', 'LossHistory', 'split_sizes', 'split_id', 'lung_checks', 'attention_caption', 'attention_table',
+           'train_run']
 
 # %% ../nbs/10_run.ipynb #0fde51df
 class LossHistory(Callback):
@@ -64,7 +66,37 @@ def _build(dls, arch, pretrained, weights, fallback_arch, log):
 def _savefig(fig, path):
     fig.savefig(path, dpi=90, bbox_inches='tight'); plt.close(fig); return path.name
 
-# %% ../nbs/10_run.ipynb #784bf8e4
+# %% ../nbs/10_run.ipynb #e41eab4a
+def lung_checks(learn, # the trained learner
+                rows:pd.DataFrame, # the test split's rows
+                n_boot:int=1000, seed:int=42, log=print)->dict:
+    "`cam_in_lungs` and `masked_rescore` on the rows with lung masks; `{}` (and a log line saying why) when there are none."
+    if 'mask' not in rows or not rows['mask'].notna().any():
+        log('no lung-mask checks: no test image has a lung mask'); return {}
+    split = ','.join(sorted(rows.split.unique())) if 'split' in rows else 'given rows'
+    out = dict(cam_in_lungs=cam_in_lungs(learn, rows, n_boot=n_boot, seed=seed, split=split),
+               lung_masked=masked_rescore(learn, rows, n_boot=n_boot, seed=seed, split=split))
+    log(cam_lung_summary(out['cam_in_lungs'])); log(masked_summary(out['lung_masked']))
+    return out
+
+def attention_caption(att:dict)->str:
+    c = att['cam_in_lungs']
+    return (f"What the model looks at, {c['split']} split: {c['n_images']} images of {c['n_patients']} patients with lung masks "
+            f"({', '.join(f'{k} {v}' for k, v in c['labels'].items())})")
+
+def attention_table(att:dict)->pd.DataFrame:
+    "The lung checks as a two-column table (value with its 95% CI)."
+    c, m = att['cam_in_lungs'], att['lung_masked']
+    rows = [("Grad-CAM heat inside the lungs", c['cam_in_lungs']),
+            ("Lungs' share of the image (what a heatmap blind to anatomy scores)", c['lung_area']),
+            ("Excess of the first over the second", c['excess']),
+            ("Hottest point inside the lungs (share of images)", c['peak_in_lungs']),
+            ("Accuracy on the original images", m['accuracy_original']),
+            ("Accuracy with everything outside the lungs blanked", m['accuracy_masked']),
+            ("Predictions changed by the blanking", m['predictions_changed'])]
+    return pd.DataFrame([(k, _ci(v)) for k, v in rows], columns=['check', 'value (95% CI, patient bootstrap)'])
+
+# %% ../nbs/10_run.ipynb #71774f6d
 def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
               arch:str='resnet34', # architecture for `build_learner`
               epochs:int=4, # unfrozen epochs of `fine_tune`
@@ -119,6 +151,7 @@ def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
         try: operating_point(res['valid'], res['test'], pos='covid', target_sensitivity=0.95)
         except ValueError as e: log(f"no operating point: {e}")
     test = res['test']
+    attention = lung_checks(learn, sp[sp.split == 'test'], n_boot=n_boot, seed=seed, log=log)
     figs['confusion'] = ('Confusion matrix, test split', test.plot_confusion())
     figs['roc'] = ('ROC curves, test split', test.plot_roc())
     figs['reliability'] = ('Reliability diagram, test split', test.plot_reliability())
@@ -137,7 +170,7 @@ def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
                  platform=platform.platform()),
         split=dict(method=SPLIT_DESCRIPTION, pcts=list(pcts), split_id=sid, sizes=sizes),
         recipe=dict(kept=len(sp), dropped=dropped.reason.value_counts().to_dict()),
-        valid=res['valid'].to_dict(), test=test.to_dict(), files=files)
+        valid=res['valid'].to_dict(), test=test.to_dict(), attention=attention, files=files)
     if report:
         pngs = {cap: (out/files[stem]).read_bytes() for stem, (cap, _) in figs.items()}
         plots = {c: b for c, b in pngs.items() if 'true / false' not in c and not c.startswith('Top ')}
@@ -150,7 +183,8 @@ def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
         write_report(out, test, figures=plots, galleries=galleries, data_summary=data_summary_frame(sp),
                      split_summary=split_summary_frame(sp), title=f'covidcxr run: {recipe}, {learn.arch}',
                      model_info=info, notes=notes, split_method=SPLIT_DESCRIPTION,
-                     tables={'Top losses, test split': top_losses_table(interp, k), 'Most confused, test split': most_confused_table(interp)})
+                     tables={'Top losses, test split': top_losses_table(interp, k), 'Most confused, test split': most_confused_table(interp),
+                             **({attention_caption(attention): attention_table(attention)} if attention else {})})
         files['report'] = 'report.html'
     metrics['run']['total_seconds'] = round(time.time() - t0, 1)
     (out/'metrics.json').write_text(json.dumps(metrics, indent=2, default=str))
