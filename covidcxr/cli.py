@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_cli.ipynb #a7b6c34c
 from __future__ import annotations
-import argparse, os, sys, textwrap, warnings
+import argparse, json, os, sys, textwrap, warnings
 from pathlib import Path
 
 # %% auto #0
@@ -218,7 +218,8 @@ def build_parser()->argparse.ArgumentParser:
         'pixels while it is confounded with the label. Writes audit.json and prints a summary.',
         """\
         covidcxr audit --recipe covid_vs_pneumonia_146
-        covidcxr audit --recipe covid_vs_normal_392 --splits runs/392/splits.csv --out runs/392-audit""")
+        covidcxr audit --recipe covid_vs_normal_392 --splits runs/392/splits.csv --out runs/392-audit
+        covidcxr audit --model runs/146 --out runs/146-audit   # also: where the trained model looks""")
     s.add_argument('--data', metavar='PATH', help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data)')
     s.add_argument('--recipe', default='covid_vs_pneumonia_146', metavar='NAME', help='recipe name (default: covid_vs_pneumonia_146)')
     s.add_argument('--splits', metavar='CSV', help="a run's splits.csv (default: the recipe split by patient with --seed)")
@@ -227,6 +228,8 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument('--size', type=_pos_int, default=128, metavar='PX', help='image size for the source check (default: 128)')
     s.add_argument('--threshold', type=_nonneg_int, default=16, metavar='BITS', help='Hamming distance for near-duplicates (default: 16 of 256)')
     s.add_argument('--no-source-check', dest='source_check', action='store_false', help='only the leakage checks (fast, no network model)')
+    s.add_argument('--model', metavar='RUN', help="a run folder (covidcxr train --out): audit its splits.csv, and measure where its model looks "
+                   "(Grad-CAM inside the lungs) and how it scores with everything outside the lungs blanked, on its test images with lung masks")
 
     s = _sub(subs, 'serve', 'a local web page: upload an X-ray, get class probabilities',
         'Serve a page where an uploaded X-ray (PNG, JPEG, DICOM, ...) gets class probabilities and a Grad-CAM\n'
@@ -350,10 +353,22 @@ def cmd_predict(a)->int:
 def cmd_audit(a)->int:
     _data_root(a.data)
     from covidcxr.audit import run_audit
+    if a.model:
+        run = Path(a.model)
+        if not (run/'model'/'config.json').is_file(): raise CLIError(f'--model {a.model}: not a run folder (no model/config.json)', EXIT_USAGE)
+        a.splits = a.splits or str(run/'splits.csv')
     if a.splits and not Path(a.splits).is_file(): raise CLIError(f'--splits {a.splits}: no such file', EXIT_USAGE)
     res = run_audit(data=a.data, recipe=a.recipe, splits=a.splits, out=a.out, seed=a.seed, size=a.size,
                     threshold=a.threshold, source_check=a.source_check)
     print(res['summary'])
+    if a.model:
+        from covidcxr.data import load_dataset
+        from covidcxr.audit import load_splits
+        from covidcxr.learner import load_model
+        from covidcxr.run import lung_checks
+        tab = load_splits(a.splits, load_dataset(a.data))
+        res['attention'] = lung_checks(load_model(run), tab[tab.split == 'test'], seed=a.seed)
+        if a.out: (Path(a.out)/'audit.json').write_text(json.dumps(res, indent=1, default=str))
     if a.out: print(f"wrote {Path(a.out)/'audit.json'}")
     return EXIT_OK
 
