@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image
 from .core import *
-from .dicom import read_cxr, CXRReadError
+from .dicom import read_cxr, CXRReadError, IMAGE_SUFFIXES
 from .learner import load_model
 from .interpret import grad_cam
 
@@ -109,13 +109,16 @@ class CXRPredictor:
                       name:str='upload', # its name, as the user gave it
                      )->dict:
         "`predict_file` on uploaded bytes, read from a temporary folder that is deleted afterwards."
+        suffix = Path(str(name or '')).suffix
+        if suffix and suffix.lower() not in IMAGE_SUFFIXES and not suffix[1:].isdigit():  # '1.2.840...320': a DICOM UID, no suffix
+            raise UploadError(f"{name}: unsupported file type {suffix!r} (expected one of {', '.join(IMAGE_SUFFIXES)}, or no suffix)", 415)
         if len(data) == 0: raise UploadError(f"{name}: empty upload (0 bytes)")
         if len(data) > self.max_bytes: raise UploadError(f"{name}: {len(data)} bytes is over the limit of {self.max_bytes}", 413)
         with tempfile.TemporaryDirectory(prefix='covidcxr-upload-') as d:
             f = Path(d)/_safe_name(name); f.write_bytes(data)
             return self.predict_file(f, name)
 
-# %% ../nbs/12_serve.ipynb #a69c1281
+# %% ../nbs/12_serve.ipynb #3f9ff150
 def _fmt_ci(m:dict|None)->str:
     if not m or m.get('value') is None: return 'undefined'
     lo, hi = m.get('ci_low'), m.get('ci_high')
@@ -142,7 +145,7 @@ td,th{{border-bottom:1px solid #ddd;padding:.25em .7em;text-align:left}}
 <h2>Model</h2><p>{e(card['arch'])}, classes: {e(', '.join(card['classes']))}; recipe: {e(str(card['recipe'] or 'not recorded'))};
 input {e(str(card['size']))} px; weights: {e(str(card['weights_source']))}.</p>
 <h3>Measured on held-out patients</h3>{ev}
-<h2>Upload a chest X-ray</h2><p><input type=file id=file accept=".png,.jpg,.jpeg,.dcm,.dicom,.bmp,.tif,.tiff"></p>
+<h2>Upload a chest X-ray</h2><p><input type=file id=file accept="{','.join(IMAGE_SUFFIXES)}"></p>
 <p class=small>PNG, JPEG, BMP, TIFF or DICOM, frontal view, as the model was trained on.</p>
 <div id=err></div><div id=out></div>
 <script>
