@@ -12,9 +12,9 @@ from .core import *
 from .dicom import read_cxr, CXRReadError
 
 # %% auto #0
-__all__ = ['HASHES', 'dhash', 'ahash', 'hamming', 'image_hashes', 'LeakageReport', 'leakage_report', 'image_features',
-           'patient_bootstrap', 'source_shortcut_check', 'source_summary', 'apply_lung_mask', 'masked_copies',
-           'masked_rescore', 'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats', 'cam_in_lungs',
+__all__ = ['HASHES', 'dhash', 'ahash', 'hamming', 'image_hashes', 'LeakageReport', 'leakage_report', 'duplicate_groups',
+           'image_features', 'patient_bootstrap', 'source_shortcut_check', 'source_summary', 'apply_lung_mask',
+           'masked_copies', 'masked_rescore', 'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats', 'cam_in_lungs',
            'cam_lung_summary', 'load_splits', 'run_audit']
 
 # %% ../nbs/09_audit.ipynb #ed63209b
@@ -116,6 +116,23 @@ def leakage_report(df:pd.DataFrame, # table with `path`, `file`, `patient_id` an
                          threshold, kind, unreadable)
 
 # %% ../nbs/09_audit.ipynb #3a09fd78
+def duplicate_groups(df:pd.DataFrame, # table with `path` and `patient_id` (and optionally a precomputed `hash`)
+                     threshold:int=16, # near-duplicate if the hashes differ in at most this many bits (as `leakage_report`)
+                     kind:str='dhash', # perceptual hash: 'dhash' or 'ahash'
+                    )->pd.Series:
+    "One split group per row: patients linked by near-duplicate images share a group, named after the first of their ids."
+    pids = df.patient_id.astype(str).values
+    H = np.stack(df['hash'].values) if 'hash' in df.columns else image_hashes(list(df.path), kind)[0]
+    parent = {p: p for p in pids}
+    def find(p):
+        while parent[p] != p: parent[p] = parent[parent[p]]; p = parent[p]
+        return p
+    for a, b in zip(*np.where(np.triu(hamming(H, H) <= threshold, 1))):
+        ra, rb = find(pids[a]), find(pids[b])
+        if ra != rb: parent[max(ra, rb)] = min(ra, rb)
+    return pd.Series([find(p) for p in pids], index=df.index, name='split_group')
+
+# %% ../nbs/09_audit.ipynb #7795616d
 def image_features(paths, # image files
                    arch:str='efficientnet_lite0', # a timm architecture `resolve_weights` can find weights for
                    size:int=128, # images are squished to size x size
@@ -139,7 +156,7 @@ def image_features(paths, # image files
             out.append(m((x - mean) / std).numpy())
     return np.concatenate(out)
 
-# %% ../nbs/09_audit.ipynb #201876a9
+# %% ../nbs/09_audit.ipynb #caafb22d
 def _auc(y, p, w=None)->float:
     "ROC AUC (binary on p[:, 1], else one-vs-rest macro), NaN where undefined."
     from sklearn.metrics import roc_auc_score
@@ -168,7 +185,7 @@ def _ci(m)->str:
     if m.get('value') is None: return 'undefined'
     return f"{m['value']:.3f} (95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f})" if m.get('ci_low') is not None else f"{m['value']:.3f}"
 
-# %% ../nbs/09_audit.ipynb #7795616d
+# %% ../nbs/09_audit.ipynb #2efc8041
 def _cv_probs(X, y, groups, folds:int, seed:int)->np.ndarray:
     "Out-of-fold probabilities of a standardised logistic regression, patients grouped, classes stratified."
     from sklearn.model_selection import StratifiedGroupKFold
@@ -183,7 +200,7 @@ def _cv_probs(X, y, groups, folds:int, seed:int)->np.ndarray:
         P[np.ix_(te, clf.classes_)] = clf.predict_proba(X[te])
     return P
 
-# %% ../nbs/09_audit.ipynb #caafb22d
+# %% ../nbs/09_audit.ipynb #1d9ca2bb
 def source_shortcut_check(df:pd.DataFrame, # table with `path`, `label`, `source`, `patient_id`
                           features=None, # precomputed `image_features` aligned with `df` (default: computed)
                           size:int=128, # image size for the features
@@ -255,7 +272,7 @@ def source_summary(res:dict)->str:
     s.append('  verdict: ' + res['verdict'])
     return '\n'.join(s)
 
-# %% ../nbs/09_audit.ipynb #f486e33d
+# %% ../nbs/09_audit.ipynb #bd6c9e23
 def apply_lung_mask(img:Image.Image, # grayscale X-ray
                     mask:Image.Image, # lung mask (non-zero = lung), resized to the image if needed
                     fill:int=0, # value outside the lungs
@@ -291,7 +308,7 @@ def masked_copies(df:pd.DataFrame, # table with `path`, `file` and `mask` (relat
         rows.append({**r.to_dict(), 'orig_path': r['path'], 'path': str(out)})
     return pd.DataFrame(rows, columns=[*df.columns, 'orig_path'])
 
-# %% ../nbs/09_audit.ipynb #bd6c9e23
+# %% ../nbs/09_audit.ipynb #17bb439e
 def masked_rescore(learn, # a trained fastai Learner (`build_learner` / `load_model`)
                    df:pd.DataFrame, # rows to score (e.g. the test split); only rows with a `mask` are used
                    n_boot:int=1000, # bootstrap resamples
@@ -335,7 +352,7 @@ def masked_summary(res:dict)->str:
     else: s.append('  ' + res['auc_note'])
     return '\n'.join(s)
 
-# %% ../nbs/09_audit.ipynb #dbe131f4
+# %% ../nbs/09_audit.ipynb #4e49065f
 def lung_masks_as_seen(learn, # a fastai Learner
                        rows:pd.DataFrame, # rows with `path`, `file`, `label` and `mask`
                       )->np.ndarray:
@@ -394,7 +411,7 @@ def cam_lung_summary(res:dict)->str:
         f"  (what a heatmap blind to anatomy would score): excess {_ci(res['excess'])}",
         f"  hottest point inside the lungs: {_ci(res['peak_in_lungs'])} of images"])
 
-# %% ../nbs/09_audit.ipynb #55535d1b
+# %% ../nbs/09_audit.ipynb #6db72fc8
 def load_splits(splits_csv, # a run's splits.csv (`file` and `split` columns)
                 df:pd.DataFrame, # the dataset table (`load_dataset`)
                )->pd.DataFrame:

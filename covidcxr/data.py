@@ -125,11 +125,12 @@ def patient_split(df:pd.DataFrame, # table with `patient_id` and `label`
                   pcts=(0.7, 0.2, 0.1), # shares of patients for train, valid, test
                   seed:int=42, # makes the split reproducible
                   names=('train', 'valid', 'test'), # split names
+                  by:str='patient_id', # the column whose groups stay together (e.g. `split_group`: patients sharing an image)
                  )->pd.DataFrame:
     "Add a `split` column assigning each patient (stratified by label) to one split."
     assert abs(sum(pcts) - 1) < 1e-6 and len(pcts) == len(names), "pcts must sum to 1, one per split name"
     rng = np.random.default_rng(seed)
-    plab = df.groupby('patient_id').label.agg(lambda s: s.value_counts().index[0])  # a patient's majority label
+    plab = df.groupby(by).label.agg(lambda s: s.value_counts().index[0])  # a patient's majority label
     assign = {}
     for lab in sorted(plab.unique()):
         pats = np.array(sorted(plab.index[plab == lab]))
@@ -138,7 +139,7 @@ def patient_split(df:pd.DataFrame, # table with `patient_id` and `label`
         cnt = np.floor(raw).astype(int)
         for i in np.argsort(-(raw - cnt), kind='stable')[:len(pats) - cnt.sum()]: cnt[i] += 1  # largest remainder
         for name, chunk in zip(names, np.split(pats, np.cumsum(cnt)[:-1])): assign.update(dict.fromkeys(chunk, name))
-    return df.assign(split=df.patient_id.map(assign))
+    return df.assign(split=df[by].map(assign))
 
 def split_summary(df:pd.DataFrame)->pd.DataFrame:
     "Images and patients per split and label."

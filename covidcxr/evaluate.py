@@ -330,12 +330,13 @@ def evaluate_learner(learn, # a fastai Learner
 def patient_kfold(df:pd.DataFrame, # table with `label` and `patient_id`
                   k:int=5, # number of folds
                   seed:int=42, # shuffling seed: the same seed gives the same folds
+                  by:str='patient_id', # the column whose groups stay together (e.g. `split_group`: patients sharing an image)
                  )->pd.DataFrame:
     "Add a `fold` column (0..k-1): patient-grouped, label-stratified k-fold."
-    n_pat = df.groupby('label').patient_id.nunique()
+    n_pat = df.groupby('label')[by].nunique()
     if (n_pat < k).any(): raise ValueError(f"k={k} folds need at least {k} patients per label; have {n_pat.to_dict()}")
     fold = np.full(len(df), -1)
-    for i, (_, te) in enumerate(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(df, df.label, df.patient_id)):
+    for i, (_, te) in enumerate(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(df, df.label, df[by])):
         fold[te] = i
     return df.assign(fold=fold)
 
@@ -408,7 +409,8 @@ def cross_validate(df:pd.DataFrame, # a recipe's table (`path`, `label`, `patien
                    **train_kwargs, # passed to `train_fold` (arch, size, bs, epochs, freeze_epochs, lr, ...)
                   )->CVResult:
     "Patient-grouped, label-stratified k-fold cross-validation: one model per fold, same settings."
-    df = patient_kfold(df.drop(columns=[c for c in ('split', 'fold') if c in df]), k, seed)
+    df = patient_kfold(df.drop(columns=[c for c in ('split', 'fold') if c in df]), k, seed,
+                       by='split_group' if 'split_group' in df else 'patient_id')  # patients sharing an image stay together
     train_fn_given = train_fn is not None
     train_fn = ifnone(train_fn, partial(train_fold, seed=seed, **train_kwargs))
     folds, seconds, oof = [], [], []

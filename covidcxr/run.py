@@ -12,7 +12,7 @@ from .learner import *
 from .evaluate import *
 from .interpret import *
 from .report import write_report, data_summary_frame, split_summary_frame
-from .audit import cam_in_lungs, masked_rescore, cam_lung_summary, masked_summary, _ci
+from .audit import cam_in_lungs, masked_rescore, cam_lung_summary, masked_summary, duplicate_groups, _ci
 
 # %% auto #0
 __all__ = ['SPLIT_DESCRIPTION', 'LossHistory', 'split_sizes', 'split_id', 'lung_checks', 'attention_caption', 'attention_table',
@@ -51,7 +51,7 @@ def split_id(df:pd.DataFrame)->str:
     s = '\n'.join(sorted(f'{f},{p},{sp}' for f, p, sp in zip(df.file, df.patient_id, df.split)))
     return hashlib.sha256(s.encode()).hexdigest()[:12]
 
-SPLIT_DESCRIPTION = 'by patient (no patient in two splits), stratified by label'
+SPLIT_DESCRIPTION = 'by patient (no patient in two splits; patients sharing a near-duplicate image kept together), stratified by label'
 
 # %% ../nbs/10_run.ipynb #c8797e4e
 def _build(dls, arch, pretrained, weights, fallback_arch, log):
@@ -121,8 +121,12 @@ def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
     seed_everything(seed)
     df = load_dataset(data)
     sel, dropped = get_recipe(recipe)(df, seed=seed)
-    sp = patient_split(sel, pcts=pcts, seed=seed)
-    cols = [c for c in ('file', 'patient_id', 'label', 'source', 'view', 'split') if c in sp]
+    sel = sel.assign(split_group=duplicate_groups(sel))
+    linked = sel[sel.split_group != sel.patient_id]
+    if len(linked): log(f"near-duplicate images link {len(linked)} patient(s) to another: kept in the same split "
+                        f"({', '.join(f'{p} with {g}' for p, g in zip(linked.patient_id, linked.split_group))})")
+    sp = patient_split(sel, pcts=pcts, seed=seed, by='split_group')
+    cols = [c for c in ('file', 'patient_id', 'split_group', 'label', 'source', 'view', 'split') if c in sp]
     sp[cols].to_csv(out/'splits.csv', index=False)
     dropped.to_csv(out/'recipe_dropped.csv', index=False)
     sizes = split_sizes(sp)
