@@ -81,11 +81,18 @@ def select_balanced(df:pd.DataFrame, # dataset table from `load_dataset`
         drop(df.index.isin(ok.index[ok.patient_id.duplicated()]), 'another image of this patient was kept (one per patient)')
     ok = df[reason == '']
     counts = ok.label.value_counts()
+    def why(cls):  # what removed the rows of the classes that came up short, and a hint when views are missing
+        r = reason[df.label.isin(cls) & (reason != '')].value_counts()
+        s = '; left out of ' + ', '.join(cls) + ': ' + ', '.join(f'{k} ({v})' for k, v in r.head(4).items())
+        nov = int((df.label.isin(cls) & df.view.isna()).sum()) if views is not None else 0
+        if nov: s += (f"; {nov} of these rows have no view recorded (NIH images fetched without NIH's table? "
+                      "run `covidcxr fetch --nih-metadata Data_Entry_2017.csv`)")
+        return s
     short = [c for c in classes if counts.get(c, 0) == 0]
-    if short: raise DatasetError(f"recipe needs classes {list(classes)} but none of {short} is left after filtering")
+    if short: raise DatasetError(f"recipe needs classes {list(classes)} but none of {short} is left after filtering" + why(short))
     n = int(counts.min()) if n_per_class is None else n_per_class
     if n_per_class is not None and (counts < n).any():
-        raise DatasetError(f"recipe asks for {n} per class but only {dict(counts)} eligible images remain")
+        raise DatasetError(f"recipe asks for {n} per class but only {({k: int(v) for k, v in counts.items()})} eligible images remain" + why(list(counts.index[counts < n])))
     keep = ok.groupby('label', group_keys=False).apply(
         lambda g: g.sample(n, random_state=int(rng.integers(2**31)))).index
     drop(~df.index.isin(keep), f'not sampled (classes balanced to {n} each)')
@@ -120,7 +127,7 @@ def get_recipe(name:str):
     if name not in RECIPES: raise KeyError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
     return RECIPES[name]
 
-# %% ../nbs/01_data.ipynb #311bd141
+# %% ../nbs/01_data.ipynb #2919da79
 def patient_split(df:pd.DataFrame, # table with `patient_id` and `label`
                   pcts=(0.7, 0.2, 0.1), # shares of patients for train, valid, test
                   seed:int=42, # makes the split reproducible
@@ -146,7 +153,7 @@ def split_summary(df:pd.DataFrame)->pd.DataFrame:
     g = df.groupby(['split', 'label'])
     return pd.DataFrame({'images': g.size(), 'patients': g.patient_id.nunique()}).reset_index()
 
-# %% ../nbs/01_data.ipynb #4dd904dc
+# %% ../nbs/01_data.ipynb #47895995
 def cxr_aug_transforms(size:int=224, # final image size
                        flip:bool=False, # horizontal flips: off by default for chest X-rays
                        max_rotate:float=7., # degrees
@@ -158,7 +165,7 @@ def cxr_aug_transforms(size:int=224, # final image size
     return aug_transforms(size=size, do_flip=flip, max_rotate=max_rotate, max_zoom=max_zoom,
                           max_lighting=max_lighting, max_warp=0., min_scale=min_scale, **kwargs)
 
-# %% ../nbs/01_data.ipynb #e34499c8
+# %% ../nbs/01_data.ipynb #7d979894
 def cxr_image_cls():
     "The fastai image type used to read X-rays (DICOM-aware when `covidcxr.dicom` is available)."
     try:
@@ -182,7 +189,7 @@ def cxr_dblock(vocab=None, # class names (default: sorted labels)
                      splitter=splitter or ColSplitter('split', on='valid'),
                      item_tfms=item, batch_tfms=cxr_aug_transforms(size, flip=flip) if augment else None)
 
-# %% ../nbs/01_data.ipynb #47895995
+# %% ../nbs/01_data.ipynb #29c8b258
 def cxr_dls(df:pd.DataFrame, # table with `path`, `label` and `split` (from `patient_split`)
             size:int=224, # final image size
             bs:int=16, # batch size
