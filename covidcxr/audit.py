@@ -14,8 +14,8 @@ from .dicom import read_cxr, CXRReadError
 # %% auto #0
 __all__ = ['HASHES', 'dhash', 'ahash', 'hamming', 'image_hashes', 'LeakageReport', 'leakage_report', 'duplicate_groups',
            'image_features', 'patient_bootstrap', 'source_shortcut_check', 'source_summary', 'apply_lung_mask',
-           'masked_copies', 'masked_rescore', 'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats', 'cam_in_lungs',
-           'cam_lung_summary', 'load_splits', 'run_audit']
+           'has_mask', 'masked_copies', 'masked_rescore', 'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats',
+           'cam_in_lungs', 'cam_lung_summary', 'load_splits', 'run_audit']
 
 # %% ../nbs/09_audit.ipynb #ed63209b
 def dhash(img:Image.Image, # any PIL image (converted to grayscale)
@@ -291,6 +291,10 @@ def _mask_path(row, root=None)->Path|None:
     if root is None: root = Path(str(row['path'])[:-len(str(row['file']))]) if str(row['path']).endswith(str(row['file'])) else Path(row['path']).parent
     return Path(root)/m
 
+def has_mask(df:pd.DataFrame)->np.ndarray:
+    "Which rows have a lung mask (a non-empty `mask`), as a boolean array aligned with `df`."
+    return np.array([_mask_path(r) is not None for _, r in df.iterrows()], dtype=bool)
+
 def masked_copies(df:pd.DataFrame, # table with `path`, `file` and `mask` (relative to the dataset folder)
                   dest, # folder for the masked copies (PNG, lossless)
                   root=None, # dataset folder the masks are relative to (default: from `path` and `file`)
@@ -385,7 +389,7 @@ def cam_in_lungs(learn, # a trained fastai Learner
     "How much of each Grad-CAM (predicted class) lies inside the lungs, against the lungs' share of the image; patient-bootstrap CIs."
     from covidcxr.interpret import learner_inputs, grad_cam
     vocab = list(learn.dls.vocab)
-    rows = df[[_mask_path(r) is not None for _, r in df.iterrows()]]
+    rows = df[has_mask(df)]
     rows = rows[rows.label.isin(vocab)].reset_index(drop=True)
     if not len(rows): raise ValueError("none of these rows has a lung mask (`mask` column)")
     lungs = lung_masks_as_seen(learn, rows)

@@ -358,8 +358,8 @@ def cmd_audit(a)->int:
         if not (run/'model'/'config.json').is_file(): raise CLIError(f'--model {a.model}: not a run folder (no model/config.json)', EXIT_USAGE)
         a.splits = a.splits or str(run/'splits.csv')
     if a.splits and not Path(a.splits).is_file(): raise CLIError(f'--splits {a.splits}: no such file', EXIT_USAGE)
-    res = run_audit(data=a.data, recipe=a.recipe, splits=a.splits, out=a.out, seed=a.seed, size=a.size,
-                    threshold=a.threshold, source_check=a.source_check)
+    res = run_audit(data=a.data, recipe=a.recipe, splits=a.splits, out=None if a.model else a.out, seed=a.seed, size=a.size,
+                    threshold=a.threshold, source_check=a.source_check)  # with --model, audit.json is written once, below
     print(res['summary'])
     if a.model:
         from covidcxr.data import load_dataset
@@ -368,7 +368,9 @@ def cmd_audit(a)->int:
         from covidcxr.run import lung_checks
         tab = load_splits(a.splits, load_dataset(a.data))
         res['attention'] = lung_checks(load_model(run), tab[tab.split == 'test'], seed=a.seed)
-        if a.out: (Path(a.out)/'audit.json').write_text(json.dumps(res, indent=1, default=str))
+        if a.out:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            (Path(a.out)/'audit.json').write_text(json.dumps(res, indent=1, default=str))
     if a.out: print(f"wrote {Path(a.out)/'audit.json'}")
     return EXIT_OK
 

@@ -158,7 +158,7 @@ def nih_items(repo_dir:Path, # the muhammedtalo/COVID-19 checkout
               nih_meta:pd.DataFrame|None=None, # `read_nih_metadata` table (None: no view, sex or age)
              )->tuple:
     "Items for `prepare_items` from the muhammedtalo/COVID-19 checkout (NIH images only), notes, and skipped files."
-    items, notes, skipped, missing, mismatch = [], {}, [], [], 0
+    items, notes, skipped, missing, mismatch, bad_age = [], {}, [], [], 0, 0
     base = repo_dir/NIH_DIR
     for folder,(label,finding) in NIH_FOLDERS.items():
         for p in sorted((base/folder).glob('*')):
@@ -177,6 +177,7 @@ def nih_items(repo_dir:Path, # the muhammedtalo/COVID-19 checkout
                         skipped.append((rel, f"NIH's labels {r.finding!r} disagree with its folder {folder!r}")); mismatch += 1; continue
                     pid = f'nih-{int(r.pid)}' if str(r.pid).isdigit() else it['patient_id']
                     it.update(finding=r.finding, patient_id=pid, view=r.view, sex=r.sex, age=r.age)
+                    bad_age += r.age == '' and r.age_raw != ''
             items.append(it)
     cov = base/'Covid-19'
     if cov.is_dir(): notes['nih Covid-19 folder not used (copies of ieee8023 images)'] = sum(1 for p in cov.glob('*') if p.is_file())
@@ -186,7 +187,6 @@ def nih_items(repo_dir:Path, # the muhammedtalo/COVID-19 checkout
     else:
         if missing: notes['nih images not in the NIH metadata (no view, sex or age)'] = f"{len(missing)}: " + ', '.join(missing[:10]) + (' ...' if len(missing) > 10 else '')
         if mismatch: notes['nih images whose NIH labels disagree with their folder (skipped)'] = mismatch
-        bad_age = sum(1 for it in items if it['rel'] not in missing and it.get('age') == '' and it['name'] in nih_meta.index and nih_meta.loc[it['name'], 'age_raw'] != '')
         if bad_age: notes['nih ages outside 0-120 left empty'] = bad_age
     return items, notes, skipped
 

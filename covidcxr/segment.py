@@ -13,7 +13,7 @@ from .core import *
 from .dicom import read_cxr, CXRReadError
 from .data import cxr_image_cls
 from .learner import resolve_weights
-from .audit import patient_bootstrap, apply_lung_mask, _mask_path, _ci
+from .audit import patient_bootstrap, apply_lung_mask, has_mask, _mask_path, _ci
 
 # %% auto #0
 __all__ = ['SEG_CODES', 'lung_mask', 'lung_seg_dls', 'lung_unet', 'lung_seg_learner', 'dice_iou', 'evaluate_segmentation',
@@ -35,8 +35,7 @@ def lung_seg_dls(df:pd.DataFrame, # rows with `path`, `file`, `mask` and `split`
                  augment:bool=True, # small rotations, zoom and lighting; never flips
                 )->DataLoaders:
     "DataLoaders of (X-ray, lung mask) pairs; images and masks get the same geometric transforms."
-    has = np.array([_mask_path(r) is not None for _, r in df.iterrows()], dtype=bool)
-    rows = df[has & df.split.isin(['train', 'valid']).values].reset_index(drop=True)
+    rows = df[has_mask(df) & df.split.isin(['train', 'valid']).values].reset_index(drop=True)
     if not (rows.split == 'train').any() or not (rows.split == 'valid').any():
         raise ValueError("lung_seg_dls needs rows with a `mask` in both the 'train' and the 'valid' split")
     tfms = [*aug_transforms(do_flip=False, max_rotate=5, max_zoom=1.05, max_lighting=0.2, max_warp=0)] if augment else []
@@ -91,8 +90,7 @@ def evaluate_segmentation(learn:Learner, # a trained lung U-Net
                           split:str='test', # the split to score (held-out patients)
                           n_boot:int=1000, seed:int=42)->dict:
     "Mean Dice and IoU of the predicted lung masks on `split`, at the model's resolution, with patient-bootstrap CIs."
-    has = np.array([_mask_path(r) is not None for _, r in df.iterrows()], dtype=bool)
-    rows = df[(df.split == split).values & has].reset_index(drop=True)
+    rows = df[(df.split == split).values & has_mask(df)].reset_index(drop=True)
     if not len(rows): raise ValueError(f"no rows with a lung mask in split {split!r}")
     dl = learn.dls.test_dl(rows, with_labels=True, rm_type_tfms=0)  # rows in, as in training
     with learn.no_bar(): p, t = learn.get_preds(dl=dl)

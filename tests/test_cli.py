@@ -2,7 +2,6 @@
 import io, json, os, signal, shutil, subprocess, sys, urllib.error, urllib.request
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
-from covidcxr.core import data_root
 
 EXE = Path(sys.executable).parent/'covidcxr'
 CMDS = ('fetch', 'prepare', 'train', 'evaluate', 'predict', 'audit', 'serve')
@@ -12,13 +11,6 @@ def cli(*args, env=None, **kw):
     cmd = [str(EXE)] if EXE.exists() else [sys.executable, '-m', 'covidcxr.cli']
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})}, **kw)
-
-@pytest.fixture(scope='module')
-def shared():
-    try: root = data_root()
-    except Exception as e: pytest.skip(f'no dataset: {e}')
-    from covidcxr.data import load_dataset
-    return load_dataset(root)
 
 def test_help_is_fast_and_light():
     r = cli('--help'); assert r.returncode == 0 and all(c in r.stdout for c in CMDS) and 'exit codes' in r.stdout
@@ -74,17 +66,6 @@ def test_prepare_reports_bad_file(tmp_path, shared):
     assert 'prepared 4 image(s)' in r.stdout and 'pneumonia/truncated.jpg: truncated or corrupt' in r.stdout, r.stdout
     assert {p: p.read_bytes() for p in tree.rglob('*') if p.is_file()} == before
     assert len(pd.read_csv(tmp_path/'ds'/'metadata.csv')) == 4
-
-@pytest.fixture(scope='module')
-def model_dir(tmp_path_factory, shared):
-    "A tiny efficientnet_lite0 trained for one epoch at 64 px on 20 real X-rays (tests the plumbing, not accuracy)."
-    from covidcxr.data import patient_split, cxr_dls
-    from covidcxr.learner import build_learner, save_model
-    small = pd.concat([shared[shared.label == l].drop_duplicates('patient_id').head(10) for l in ('covid', 'pneumonia')])
-    small = patient_split(small, pcts=(0.8, 0.2, 0.), seed=1)
-    learn = build_learner(cxr_dls(small, size=64, bs=8), 'efficientnet_lite0')
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-3)
-    return save_model(learn, tmp_path_factory.mktemp('m')/'model')
 
 def test_predict(tmp_path, shared, model_dir):
     d = tmp_path/'in'; (d/'nested').mkdir(parents=True)
