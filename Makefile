@@ -9,14 +9,11 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 SHARED_DATA := $(abspath ../shared/data/cxr)
 COVIDCXR_DATA ?= $(if $(wildcard $(SHARED_DATA)/metadata.csv),$(SHARED_DATA),)
 export COVIDCXR_DATA
-# Main job settings (override on the command line, e.g. `make run EPOCHS=8`)
+# Main job: the recipe trains with its own preset (covidcxr.presets, chosen by patient-grouped cross-validation).
+# Override on the command line, e.g. `make run RECIPE=covid_vs_normal_392 OUT=runs/392 TRAIN_ARGS="--cv 5"`.
 RECIPE ?= covid_vs_pneumonia_146
-ARCH ?= resnet34
-FALLBACK_ARCH ?= efficientnet_lite0
-EPOCHS ?= 4
-FREEZE_EPOCHS ?= 2
-SIZE ?= 224
 OUT ?= runs/146
+TRAIN_ARGS ?=
 NB_WORKERS ?= 2
 
 .PHONY: install run test nbtest pytest check docs readme clean
@@ -29,8 +26,7 @@ $(VENV)/.installed: settings.ini setup.py
 	touch $@
 
 run: install
-	$(BIN)/covidcxr train --recipe $(RECIPE) --arch $(ARCH) --fallback-arch $(FALLBACK_ARCH) \
-		--epochs $(EPOCHS) --freeze-epochs $(FREEZE_EPOCHS) --size $(SIZE) --out $(OUT)
+	$(BIN)/covidcxr train --recipe $(RECIPE) --out $(OUT) $(TRAIN_ARGS)
 
 test: install check nbtest pytest
 

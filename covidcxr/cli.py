@@ -8,9 +8,10 @@ import argparse, json, os, sys, textwrap, warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE', 'EXIT_NOT_FOUND', 'EXIT_INTERRUPTED', 'RECIPE_NAMES', 'COMMANDS', 'CLIError',
-           'exit_code', 'error_line', 'find_images', 'predict_files', 'build_parser', 'cmd_fetch', 'cmd_prepare',
-           'metrics_summary', 'cmd_train', 'cmd_evaluate', 'cmd_predict', 'cmd_audit', 'cmd_serve', 'main']
+__all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE', 'EXIT_NOT_FOUND', 'EXIT_INTERRUPTED', 'LR_RULES', 'RECIPE_NAMES', 'COMMANDS',
+           'CLIError', 'exit_code', 'error_line', 'find_images', 'predict_files', 'build_parser', 'cmd_fetch',
+           'cmd_prepare', 'metrics_summary', 'cmd_train', 'cmd_evaluate', 'cmd_predict', 'cmd_audit', 'cmd_serve',
+           'main']
 
 # %% ../nbs/11_cli.ipynb #110ae1de
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -82,11 +83,13 @@ def predict_files(learn, # a fastai Learner, e.g. from `covidcxr.learner.load_mo
     return df
 
 # %% ../nbs/11_cli.ipynb #5ef7138e
+LR_RULES = ('valley', 'minimum', 'steep')  # the LR finder's suggestions (covidcxr.learner.LR_SUGGESTIONS)
+
 def _lr(s:str):
-    "`auto` or a positive float."
-    if s == 'auto': return s
+    "A positive float, or one of the LR finder's suggestions."
+    if s in LR_RULES: return s
     try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {s!r}")
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number or one of {', '.join(LR_RULES)}, got {s!r}")
     if not v > 0: raise argparse.ArgumentTypeError(f"the learning rate must be positive, got {s}")
     return v
 
@@ -118,7 +121,7 @@ def build_parser()->argparse.ArgumentParser:
         epilog=textwrap.dedent("""\
             typical session:
               covidcxr fetch                                  # public data into ~/.covidcxr/data
-              covidcxr train --recipe covid_vs_pneumonia_146 --arch efficientnet_lite0 --out runs/146
+              covidcxr train --recipe covid_vs_pneumonia_146 --out runs/146
               covidcxr predict --model runs/146 scans/ --out preds.csv
               covidcxr audit --recipe covid_vs_pneumonia_146 --out runs/146-audit
               covidcxr serve --model runs/146                 # an upload page on http://127.0.0.1:8000
@@ -167,25 +170,35 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument('--overwrite', action='store_true', help='write over an existing dataset in --out')
 
     s = _sub(subs, 'train', 'train a classifier on a recipe and write a run folder',
-        'Select a recipe, split it by patient (train / valid / test), fine-tune a pretrained network, and\n'
-        'evaluate it with 95% confidence intervals (patients resampled). DIR gets splits.csv, metrics.json,\n'
-        'the plots and the saved model.\n\nrecipes: ' + ', '.join(RECIPE_NAMES),
+        'Select a recipe, split it by patient (train / valid / test), fine-tune a pretrained network with the\n'
+        "recipe's training preset (chosen by patient-grouped cross-validation; any flag below overrides it),\n"
+        'calibrate its probabilities on the validation split, and evaluate it with 95% confidence intervals\n'
+        '(patients resampled). DIR gets splits.csv, metrics.json, report.html, the plots and the saved model.\n'
+        'ResNet34 is used where its ImageNet weights can be had, otherwise EfficientNet-Lite0 (said and recorded).\n\n'
+        'recipes: ' + ', '.join(RECIPE_NAMES),
         """\
-        covidcxr train --recipe covid_vs_pneumonia_146 --arch efficientnet_lite0 --epochs 4 --out runs/146
-        covidcxr train --recipe three_class --arch resnet34 --fallback-arch efficientnet_lite0 --lr 3e-3 --out runs/3c
-        covidcxr train --recipe covid_vs_normal_392 --arch resnet18 --no-pretrained --out runs/scratch""")
+        covidcxr train --recipe covid_vs_pneumonia_146 --out runs/146          # the recipe's preset
+        covidcxr train --recipe covid_vs_normal_392 --cv 5 --out runs/392      # plus 5-fold CV by patient
+        covidcxr train --recipe three_class --dry-run                          # show the settings, train nothing
+        covidcxr train --recipe covid_vs_normal_392 --arch resnet18 --no-pretrained --epochs 20 --out runs/scratch""")
     s.add_argument('--recipe', default='covid_vs_pneumonia_146', metavar='NAME', help='recipe name (default: covid_vs_pneumonia_146)')
-    s.add_argument('--arch', default='resnet34', metavar='NAME', help='torchvision or timm architecture (default: resnet34)')
-    s.add_argument('--epochs', type=_nonneg_int, default=4, metavar='N', help='epochs with the whole network unfrozen (default: 4)')
-    s.add_argument('--freeze-epochs', type=_nonneg_int, default=2, metavar='N', help='head-only epochs first (default: 2)')
-    s.add_argument('--size', type=_pos_int, default=224, metavar='PX', help='image size (default: 224)')
-    s.add_argument('--bs', type=_pos_int, default=16, metavar='N', help='batch size (default: 16)')
+    s.add_argument('--preset', default='default', metavar='NAME', help="the recipe's training preset (default: default)")
+    pre = "(default: the recipe's preset)"
+    s.add_argument('--arch', metavar='NAME', help=f'torchvision or timm architecture {pre}')
+    s.add_argument('--fallback-arch', metavar='NAME', help=f'use this architecture if --arch has no weights here, recorded {pre}')
+    s.add_argument('--epochs', type=_nonneg_int, metavar='N', help=f'epochs with the whole network unfrozen {pre}')
+    s.add_argument('--freeze-epochs', type=_nonneg_int, metavar='N', help=f'head-only epochs first {pre}')
+    s.add_argument('--size', type=_pos_int, metavar='PX', help=f'image size {pre}')
+    s.add_argument('--bs', type=_pos_int, metavar='N', help=f'batch size {pre}')
+    s.add_argument('--lr', type=_lr, metavar='FLOAT|' + '|'.join(LR_RULES), help=f"base learning rate, or an LR-finder suggestion {pre}")
+    s.add_argument('--intensity', choices=['histeq', 'clahe'], help=f'intensity normalisation of every film {pre}')
+    s.add_argument('--cv', type=_nonneg_int, default=0, metavar='K', help='also cross-validate the same settings by patient, K folds, on the train + valid patients (default: 0, none)')
     s.add_argument('--seed', type=int, default=42, metavar='N', help='seed for recipe, split, data order and model (default: 42)')
-    s.add_argument('--lr', type=_lr, default='auto', metavar='auto|FLOAT', help="base learning rate, or 'auto' for the LR finder (default: auto)")
     s.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='train from random initialisation (recorded in metrics.json)')
+    s.add_argument('--no-calibration', dest='calibrate', action='store_false', help='do not fit a temperature on the validation split')
     s.add_argument('--weights', metavar='FILE', help='explicit ImageNet weights file for --arch')
-    s.add_argument('--fallback-arch', metavar='NAME', help='use this architecture if --arch has no weights here (recorded)')
-    s.add_argument('--out', required=True, metavar='DIR', help='run folder to write')
+    s.add_argument('--dry-run', action='store_true', help='print the settings that would be used, as JSON, and train nothing')
+    s.add_argument('--out', metavar='DIR', help='run folder to write (required unless --dry-run)')
     s.add_argument('--data', metavar='PATH', help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data)')
 
     s = _sub(subs, 'evaluate', 'evaluate a trained model and write report.html',
@@ -292,7 +305,8 @@ def metrics_summary(m:dict, # the dict `train_run` returns (the content of metri
     "A few lines for people: run settings, split sizes, and the headline metrics with their CIs and split."
     lines = []
     run = m.get('run', {})
-    if run: lines.append(', '.join(f'{k} {run[k]}' for k in ('recipe', 'arch', 'weights_source', 'epochs', 'lr') if k in run))
+    if run: lines.append(', '.join(f'{k} {run[k]:.2g}' if k == 'lr' else f'{k} {run[k]}'
+                                   for k in ('recipe', 'preset', 'arch', 'weights_source', 'size', 'freeze_epochs', 'epochs', 'lr') if run.get(k) is not None))
     if run.get('fallback_reason'): lines.append(f"fell back to {run.get('arch')}: {run['fallback_reason']}")
     sizes = m.get('split', {}).get('sizes', {})
     if sizes: lines.append('split by patient: ' + ', '.join(
@@ -301,23 +315,36 @@ def metrics_summary(m:dict, # the dict `train_run` returns (the content of metri
         mm = m.get(s, {}).get('metrics', {})
         shown = [f'{k} {_fmt_ci(mm[k])}' for k in headline if isinstance(mm.get(k), dict)]
         if shown: lines.append(f"{s} split ({m[s].get('n_images', '?')} images of {m[s].get('n_patients', '?')} patients): " + '; '.join(shown))
+    cal = m.get('calibration') or {}
+    if cal.get('temperature'): lines.append(f"calibrated on the valid split (T = {cal['temperature']:.2f}): test ECE {_fmt_ci(cal['ece_before'])} "
+                                            f"before, {_fmt_ci(cal['ece_after'])} after")
+    cv = m.get('cross_validation') or {}
+    cvm = cv.get('mean_over_folds', {}).get('metrics', {})
+    if cvm: lines.append(f"{cv['k']}-fold cross-validation by patient (train + valid patients), mean over folds with t-interval: "
+                         + '; '.join(f'{k} {_fmt_ci(cvm[k])}' for k in headline if k in cvm))
     return '\n'.join(lines)
 
 # %% ../nbs/11_cli.ipynb #73c29229
 def cmd_train(a)->int:
-    from covidcxr.data import get_recipe
     from covidcxr.learner import arch_kind
-    get_recipe(a.recipe)  # unknown recipe: KeyError listing the known ones (exit 2), before any work
-    for arch in (a.arch, a.fallback_arch):
+    from covidcxr.presets import get_preset
+    # unknown recipe or preset: KeyError listing the known ones (exit 2), before any work
+    p = get_preset(a.recipe, a.preset, arch=a.arch, fallback_arch=a.fallback_arch, epochs=a.epochs, freeze_epochs=a.freeze_epochs,
+                   size=a.size, bs=a.bs, lr=a.lr, intensity=a.intensity)
+    for arch in (p.arch, p.fallback_arch):
         if arch: arch_kind(arch)
+    if a.dry_run:
+        print(json.dumps(dict(recipe=a.recipe, preset=a.preset, settings=p.settings(), evidence=p.evidence, cv=a.cv), indent=1, default=str))
+        return EXIT_OK
+    if not a.out: raise CLIError('--out DIR is required (the run folder to write)', EXIT_USAGE)
     if a.weights and not Path(a.weights).is_file(): raise CLIError(f'--weights {a.weights}: no such file', EXIT_USAGE)
     if a.weights and not a.pretrained: raise CLIError('--weights and --no-pretrained contradict each other; drop one', EXIT_USAGE)
     _data_root(a.data)
     try: from covidcxr.run import train_run
     except ImportError as e: raise CLIError(f'covidcxr.run is not available in this installation ({e})')
-    m = train_run(recipe=a.recipe, arch=a.arch, epochs=a.epochs, freeze_epochs=a.freeze_epochs, size=a.size, bs=a.bs,
-                  seed=a.seed, lr=a.lr, pretrained=a.pretrained, weights=a.weights, fallback_arch=a.fallback_arch,
-                  out=a.out, data=a.data)
+    m = train_run(recipe=a.recipe, preset=a.preset, arch=a.arch, epochs=a.epochs, freeze_epochs=a.freeze_epochs, size=a.size,
+                  bs=a.bs, lr=a.lr, intensity=a.intensity, fallback_arch=a.fallback_arch, seed=a.seed, pretrained=a.pretrained,
+                  weights=a.weights, out=a.out, data=a.data, cv=a.cv, calibrate_probs=a.calibrate)
     print(metrics_summary(m))
     print(f'run folder: {a.out}')
     return EXIT_OK

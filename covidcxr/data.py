@@ -6,13 +6,15 @@
 from __future__ import annotations
 from fastai.vision.all import *
 import pandas as pd, numpy as np
+from PIL import Image, ImageOps
 from .core import *
 import covidcxr.core as core  # `core.num_workers`: `num_workers` is also a parameter name below
 
 # %% auto #0
-__all__ = ['REQUIRED_COLS', 'OPTIONAL_COLS', 'FRONTAL', 'RECIPES', 'DatasetError', 'load_dataset', 'select_balanced',
+__all__ = ['REQUIRED_COLS', 'OPTIONAL_COLS', 'FRONTAL', 'RECIPES', 'INTENSITY', 'DatasetError', 'load_dataset', 'select_balanced',
            'recipe_report', 'covid_vs_pneumonia_146', 'covid_vs_normal_392', 'three_class', 'get_recipe',
-           'patient_split', 'split_summary', 'cxr_aug_transforms', 'cxr_image_cls', 'cxr_dblock', 'cxr_dls']
+           'patient_split', 'split_summary', 'IntensityNorm', 'cxr_aug_transforms', 'cxr_image_cls', 'cxr_dblock',
+           'cxr_dls']
 
 # %% ../nbs/01_data.ipynb #2b2fa546
 REQUIRED_COLS = ('file', 'label', 'patient_id')
@@ -153,6 +155,25 @@ def split_summary(df:pd.DataFrame)->pd.DataFrame:
     g = df.groupby(['split', 'label'])
     return pd.DataFrame({'images': g.size(), 'patients': g.patient_id.nunique()}).reset_index()
 
+# %% ../nbs/01_data.ipynb #cf2058ea
+INTENSITY = (None, 'histeq', 'clahe')
+
+class IntensityNorm(Transform):
+    "Histogram equalisation ('histeq') or CLAHE ('clahe') of a grayscale X-ray, before resizing."
+    order = 0
+    def __init__(self, kind:str='histeq', # 'histeq' or 'clahe'
+                 clip_limit:float=0.01, # CLAHE's contrast limit (skimage's `equalize_adapthist`)
+                ):
+        if kind not in INTENSITY[1:]: raise ValueError(f"intensity must be one of {INTENSITY}; got {kind!r}")
+        self.kind, self.clip_limit = kind, clip_limit
+    def encodes(self, x:PILImage):
+        img = x.convert('L')
+        if self.kind == 'histeq': out = ImageOps.equalize(img)
+        else:
+            from skimage.exposure import equalize_adapthist
+            out = Image.fromarray((equalize_adapthist(np.asarray(img), clip_limit=self.clip_limit) * 255).round().astype(np.uint8))
+        return type(x)(out)
+
 # %% ../nbs/01_data.ipynb #47895995
 def cxr_aug_transforms(size:int=224, # final image size
                        flip:bool=False, # horizontal flips: off by default for chest X-rays
@@ -180,6 +201,7 @@ def cxr_dblock(vocab=None, # class names (default: sorted labels)
                flip:bool=False, # allow horizontal flips
                splitter=None, # fastai splitter (default: the `split` column, 'valid' is validation)
                img_cls=None, # image type (default: `cxr_image_cls()`)
+               intensity:str|None=None, # intensity normalisation before resizing: None, 'histeq' or 'clahe' (`IntensityNorm`)
               )->DataBlock:
     "A DataBlock over a dataset table: grayscale images from `path`, labels from `label`."
     presize = presize or int(round(size * 1.15))
@@ -187,7 +209,7 @@ def cxr_dblock(vocab=None, # class names (default: sorted labels)
     return DataBlock(blocks=(ImageBlock(cls=img_cls or cxr_image_cls()), CategoryBlock(vocab=vocab)),
                      get_x=ColReader('path'), get_y=ColReader('label'),
                      splitter=splitter or ColSplitter('split', on='valid'),
-                     item_tfms=item, batch_tfms=cxr_aug_transforms(size, flip=flip) if augment else None)
+                     item_tfms=[IntensityNorm(intensity), item] if intensity else item, batch_tfms=cxr_aug_transforms(size, flip=flip) if augment else None)
 
 # %% ../nbs/01_data.ipynb #29c8b258
 def cxr_dls(df:pd.DataFrame, # table with `path`, `label` and `split` (from `patient_split`)
@@ -208,4 +230,5 @@ def cxr_dls(df:pd.DataFrame, # table with `path`, `label` and `split` (from `pat
         tv, bs=bs, seed=seed, num_workers=ifnone(num_workers, core.num_workers()),
         device=ifnone(device, default_device()))
     dls.cxr_size, dls.cxr_presize = size, kwargs.get('presize') or int(round(size * 1.15))
+    dls.cxr_intensity = kwargs.get('intensity')
     return dls

@@ -172,6 +172,12 @@ class CXRMetrics:
         if self.operating_point: d['operating_point'] = self.operating_point
         return d
 
+    def summary_line(self)->str:
+        "Accuracy and macro AUC with their 95% CIs, and the split they are on, in words."
+        m = self.metrics
+        s = f"{self.split} split ({self.n_images} images of {self.n_patients} patients): accuracy {_fmt(m['accuracy'])}"
+        return s + (f", macro AUC {_fmt(m['macro_auc'])}" if np.isfinite(m['macro_auc']['value']) else '') + ' (95% CI, patient bootstrap)'
+
     def __repr__(self):
         m = self.metrics
         s = f"CXRMetrics(split={self.split!r}, {self.n_images} images of {self.n_patients} patients: accuracy {_fmt(m['accuracy'])}"
@@ -312,7 +318,10 @@ def predict_split(learn, # a fastai Learner (e.g. from `build_learner` or `load_
     unknown = sorted(set(rows.label) - set(learn.dls.vocab))
     if unknown: raise ValueError(f"labels {unknown} are not classes of this model {list(learn.dls.vocab)}")
     dl = learn.dls.test_dl(rows, with_labels=True, bs=bs)
-    with learn.no_bar(): probs, targets = learn.get_preds(dl=dl)
+    metrics, learn.metrics = learn.metrics, []   # the learner's own metrics would fail on rows lacking one of its classes
+    try:
+        with learn.no_bar(): probs, targets = learn.get_preds(dl=dl)
+    finally: learn.metrics = metrics
     return probs.float().numpy(), targets.numpy(), rows, dl
 
 def evaluate_learner(learn, # a fastai Learner

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_learner.ipynb #b579c758
 from __future__ import annotations
-import json, socket, tempfile, time, warnings
+import json, math, socket, tempfile, time, warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from fastai.vision.all import *
@@ -14,9 +14,10 @@ from .core import *
 from .data import *
 
 # %% auto #0
-__all__ = ['TORCHVISION_ARCHS', 'TIMM_ARCHS', 'OFFLINE_PACKAGES', 'arch_kind', 'WeightsUnavailableError', 'Weights',
-           'resolve_weights', 'default_metrics', 'build_learner', 'quick_lr_find', 'PlainProgress', 'fine_tune_cxr',
-           'save_model', 'load_model']
+__all__ = ['TORCHVISION_ARCHS', 'TIMM_ARCHS', 'OFFLINE_PACKAGES', 'LR_SUGGESTIONS', 'arch_kind', 'WeightsUnavailableError',
+           'Weights', 'resolve_weights', 'default_metrics', 'build_learner', 'quick_lr_find', 'PlainProgress',
+           'fine_tune_cxr', 'TemperatureScaling', 'fit_temperature', 'raw_logits', 'calibrate', 'save_model',
+           'load_model']
 
 # %% ../nbs/05_learner.ipynb #c63c9dfb
 TORCHVISION_ARCHS = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50,
@@ -216,20 +217,32 @@ def build_learner(dls:DataLoaders, # from `cxr_dls`
     return learn
 
 # %% ../nbs/05_learner.ipynb #6062638e
+LR_SUGGESTIONS = ('valley', 'minimum', 'steep')
+
 def quick_lr_find(learn:Learner, # a learner from `build_learner`
                   num_it:int|None=None, # mini-batches to run (default: 3 passes over the training set, 20 to 100)
                   start_lr:float=1e-6, end_lr:float=1., # range to sweep
-                  show_plot:bool=True):
-    "fastai's `lr_find`, sized for small data; returns `(suggested_lr, figure)`."
+                  show_plot:bool=True,
+                  suggestion:str='valley', # which of fastai's suggestions to return: 'valley', 'minimum' (its lr / 10) or 'steep'
+                  mark:float|None=None, # a learning rate to mark on the plot too (e.g. the preset's fixed one)
+                 ):
+    "fastai's `lr_find`, sized for small data; returns `(suggested_lr, figure)` and keeps all suggestions in `learn.lr_suggestions`."
+    if suggestion not in LR_SUGGESTIONS: raise ValueError(f"suggestion must be one of {LR_SUGGESTIONS}; got {suggestion!r}")
     num_it = ifnone(num_it, int(np.clip(3 * len(learn.dls.train), 20, 100)))
     mdir = Path(learn.path)/learn.model_dir
     existed = mdir.exists()
     with _quiet(learn):
-        res = learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it, show_plot=show_plot, suggest_funcs=(valley,))
+        res = learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it, show_plot=show_plot, suggest_funcs=(valley, minimum, steep))
     if not existed and mdir.is_dir() and not any(mdir.iterdir()): mdir.rmdir()  # lr_find's scratch folder, left empty
+    learn.lr_suggestions = {k: float(getattr(res, k)) for k in LR_SUGGESTIONS}
+    lr = learn.lr_suggestions[suggestion]
     fig = plt.gcf() if show_plot else None
-    if show_plot: fig.axes[0].set_title(f'LR finder ({num_it} steps): suggestion {res.valley:.2e}')
-    return float(res.valley), fig
+    if show_plot:
+        ax = fig.axes[0]
+        if mark is not None: ax.axvline(mark, color='k', ls='--', lw=1, label=f'used: {mark:.1e}')
+        ax.legend(fontsize=8)
+        ax.set_title(f'LR finder ({num_it} steps): {suggestion} {lr:.1e}' + (f'; used {mark:.1e}' if mark is not None else ''), fontsize=10)
+    return lr, fig
 
 # %% ../nbs/05_learner.ipynb #07c259f8
 class PlainProgress(Callback):
@@ -237,10 +250,11 @@ class PlainProgress(Callback):
     order = 60
     def before_fit(self):
         self.t0 = time.time()
+        self.phase = 'frozen' if not all(p.requires_grad for p in self.learn.model.parameters()) else 'unfrozen' 
     def after_epoch(self):
         vals = self.recorder.log[1:] if hasattr(self.recorder, 'log') else []
         names = self.recorder.metric_names[1:-1]
-        print(f"epoch {self.epoch+1}/{self.n_epoch}: " + ', '.join(f'{n} {v:.4f}' if isinstance(v, float) else f'{n} {v}'
+        print(f"{self.phase} epoch {self.epoch+1}/{self.n_epoch}: " + ', '.join(f'{n} {v:.4f}' if isinstance(v, float) else f'{n} {v}'
                                                       for n, v in zip(names, vals)) + f" ({time.time()-self.t0:.0f}s)", flush=True)
 
 @contextmanager
@@ -252,15 +266,55 @@ def _quiet(learn):
 # %% ../nbs/05_learner.ipynb #e0f03399
 def fine_tune_cxr(learn:Learner, # a learner from `build_learner`
                   epochs:int=2, # epochs with the whole network unfrozen
-                  lr='auto', # base learning rate, or 'auto' for `quick_lr_find`'s suggestion
+                  lr=2e-3, # base learning rate: a number, or an LR-finder suggestion ('valley', 'minimum', 'steep')
                   freeze_epochs:int=1, # epochs training only the head first
                   **kwargs)->float:
     "fastai's `fine_tune` (frozen, then unfrozen with discriminative rates); returns the base learning rate used."
-    if lr == 'auto': lr, _ = quick_lr_find(learn, show_plot=False)
+    if isinstance(lr, str): lr, _ = quick_lr_find(learn, show_plot=False, suggestion=lr)
     cb = [] if is_interactive() else [PlainProgress()]
     with _quiet(learn):
         learn.fine_tune(epochs, base_lr=float(lr), freeze_epochs=freeze_epochs, cbs=cb, **kwargs)
     return float(lr)
+
+# %% ../nbs/05_learner.ipynb #a87007af
+class TemperatureScaling(Callback):
+    "Divide the model's logits by a temperature `t` outside training (fitted by `calibrate`)."
+    order = 1
+    def __init__(self, t:float): self.t = float(t)
+    def after_pred(self):
+        if not self.training: self.learn.pred = self.pred / self.t
+
+# %% ../nbs/05_learner.ipynb #3766575d
+def fit_temperature(logits, # (n, C) raw model outputs on held-out images
+                    targets, # (n,) class indices
+                   )->float:
+    "The temperature that minimises the negative log-likelihood of `softmax(logits / T)` (searched on log T)."
+    from scipy.optimize import minimize_scalar
+    z, y = torch.as_tensor(logits).double(), torch.as_tensor(targets).long()
+    if len(z) == 0: raise ValueError("no held-out predictions to fit a temperature on")
+    nll = lambda lt: float(F.cross_entropy(z / math.exp(lt), y))
+    return float(math.exp(minimize_scalar(nll, bounds=(-3, 3), method='bounded').x))
+
+# %% ../nbs/05_learner.ipynb #bbd0676d
+def raw_logits(learn:Learner, # a learner
+               dl=None, # DataLoader (default: the validation one)
+              )->tuple:
+    "`(logits, targets)` without any temperature or activation."
+    cbs = learn.cbs.filter(risinstance(TemperatureScaling))
+    learn.remove_cbs(cbs)
+    try:
+        with learn.no_bar(): return learn.get_preds(dl=ifnone(dl, learn.dls.valid), act=noop)
+    finally: learn.add_cbs(cbs)
+
+def calibrate(learn:Learner, # a trained learner
+              dl=None, # held-out DataLoader to fit on (default: the validation split; never the test split)
+             )->float:
+    "Fit a temperature on `dl` and apply it to every later prediction of `learn` (`learn.temperature`)."
+    t = fit_temperature(*raw_logits(learn, dl))
+    learn.remove_cbs(learn.cbs.filter(risinstance(TemperatureScaling)))
+    learn.add_cb(TemperatureScaling(t))
+    learn.temperature = t
+    return t
 
 # %% ../nbs/05_learner.ipynb #9fd0c4ec
 def save_model(learn:Learner, # a trained learner
@@ -277,6 +331,7 @@ def save_model(learn:Learner, # a trained learner
     save_file(sd, str(path/'model.safetensors'))
     cfg = dict(arch=learn.arch, vocab=list(learn.dls.vocab), n_in=learn.n_in,
                size=ifnone(size, getattr(learn.dls, 'cxr_size', None)), presize=getattr(learn.dls, 'cxr_presize', None),
+               intensity=getattr(learn.dls, 'cxr_intensity', None), temperature=getattr(learn, 'temperature', None),
                mean=learn.norm_stats[0], std=learn.norm_stats[1], weights_source=learn.weights_source,
                model_kwargs=getattr(learn, 'model_kwargs', {}), covidcxr_version=_version(), **(extra or {}))
     (path/'config.json').write_text(json.dumps(cfg, indent=2))
@@ -292,7 +347,7 @@ def _placeholder_dls(cfg):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d)/'blank.png'; PILImage.create(np.zeros((8, 8), dtype=np.uint8)).save(p)
         t = pd.DataFrame({'path': [str(p)]*2, 'label': cfg['vocab'][:1]*2, 'split': ['train', 'valid']})
-        dls = cxr_dblock(vocab=cfg['vocab'], size=cfg['size'], presize=cfg.get('presize')
+        dls = cxr_dblock(vocab=cfg['vocab'], size=cfg['size'], presize=cfg.get('presize'), intensity=cfg.get('intensity')
                         ).dataloaders(t, bs=1, num_workers=0, device=default_device())
         return dls.new_empty()
 
@@ -306,11 +361,12 @@ def load_model(path, # folder written by `save_model`
     if not (path/'config.json').is_file(): raise FileNotFoundError(f"{path}: no config.json here; is this a covidcxr model folder?")
     cfg = json.loads((path/'config.json').read_text())
     if dls is None: dls = _placeholder_dls(cfg)
-    dls.cxr_size, dls.cxr_presize = cfg['size'], cfg.get('presize')
+    dls.cxr_size, dls.cxr_presize, dls.cxr_intensity = cfg['size'], cfg.get('presize'), cfg.get('intensity')
     if list(dls.vocab) != cfg['vocab']: raise ValueError(f"{path}: the model's classes {cfg['vocab']} differ from the data's {list(dls.vocab)}")
     if not dls.after_batch.fs.filter(risinstance(Normalize)):
         dls.add_tfms([Normalize.from_stats(cfg['mean'], cfg['std'])], 'after_batch')
     learn = build_learner(dls, cfg['arch'], pretrained=False, n_in=cfg['n_in'], **cfg.get('model_kwargs', {}))
     learn.model.load_state_dict(load_file(str(path/'model.safetensors')))
     learn.weights_source, learn.config = cfg['weights_source'], cfg
+    if cfg.get('temperature'): learn.add_cb(TemperatureScaling(cfg['temperature'])); learn.temperature = cfg['temperature']
     return learn.to_fp32() if not str(dls.device).startswith('cuda') else learn

@@ -12,7 +12,8 @@ from .learner import *
 from .evaluate import *
 from .interpret import *
 from .report import write_report, data_summary_frame, split_summary_frame
-from .audit import cam_in_lungs, masked_rescore, cam_lung_summary, masked_summary, duplicate_groups, _ci
+from .audit import cam_in_lungs, masked_rescore, cam_lung_summary, masked_summary, _ci
+from .presets import *
 
 # %% auto #0
 __all__ = ['SPLIT_DESCRIPTION', 'LossHistory', 'split_sizes', 'split_id', 'lung_checks', 'attention_caption', 'attention_table',
@@ -54,15 +55,6 @@ def split_id(df:pd.DataFrame)->str:
 SPLIT_DESCRIPTION = 'by patient (no patient in two splits; patients sharing a near-duplicate image kept together), stratified by label'
 
 # %% ../nbs/10_run.ipynb #c8797e4e
-def _build(dls, arch, pretrained, weights, fallback_arch, log):
-    "Build the learner; when weights are unavailable and a fallback is allowed, say so and use the fallback."
-    try: return build_learner(dls, arch, pretrained=pretrained, weights=weights), None
-    except WeightsUnavailableError as e:
-        if not fallback_arch or fallback_arch == arch: raise
-        why = f"ImageNet weights for {arch} are not available here ({str(e).split('. Fix:')[0]}); using {fallback_arch} instead"
-        log(f"NOTE: {why}")
-        return build_learner(dls, fallback_arch, pretrained=pretrained), why
-
 def _savefig(fig, path):
     fig.savefig(path, dpi=90, bbox_inches='tight'); plt.close(fig); return path.name
 
@@ -96,102 +88,124 @@ def attention_table(att:dict)->pd.DataFrame:
             ("Predictions changed by the blanking", m['predictions_changed'])]
     return pd.DataFrame([(k, _ci(v)) for k, v in rows], columns=['check', 'value (95% CI, patient bootstrap)'])
 
+# %% ../nbs/10_run.ipynb #c8583cf6
+def _nll(res:CXRMetrics)->float:
+    "Mean negative log-likelihood of the true class (lower is better calibrated and sharper)."
+    return float(-np.log(np.clip(res.probs[np.arange(len(res.targets)), res.targets], 1e-12, 1)).mean())
+
 # %% ../nbs/10_run.ipynb #71774f6d
 def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
-              arch:str='resnet34', # architecture for `build_learner`
-              epochs:int=4, # unfrozen epochs of `fine_tune`
-              freeze_epochs:int=2, # head-only epochs first
-              size:int=224, # image size
-              bs:int=16, # batch size
+              preset:str='default', # the recipe's training preset (`PRESETS`); the arguments below override it
+              arch:str|None=None, # architecture (default: the preset's, ResNet34 with an offline fallback)
+              epochs:int|None=None, # unfrozen epochs of `fine_tune`
+              freeze_epochs:int|None=None, # head-only epochs first
+              size:int|None=None, # image size
+              bs:int|None=None, # batch size
+              lr=None, # base learning rate, or an LR-finder suggestion ('valley', 'minimum', 'steep')
+              intensity:str|None=None, # intensity normalisation: 'histeq' or 'clahe'
+              fallback_arch:str|None=None, # if `arch` has no weights here, use this one (recorded in metrics.json)
               seed:int=42, # seeds the recipe, the split, the DataLoaders and the model
-              lr='auto', # base learning rate, or 'auto' for the LR finder's suggestion
               pretrained:bool=True, # start from ImageNet weights
               weights=None, # explicit weights file
-              fallback_arch:str|None=None, # if `arch` has no weights here, use this one (recorded in metrics.json)
               out='runs/run', # run folder to write
               data=None, # dataset folder (default: `data_root()`)
               pcts=(0.7, 0.2, 0.1), # train / valid / test shares of patients
+              cv:int=0, # also cross-validate the same settings by patient, k folds, on train + valid patients (0: no)
+              calibrate_probs:bool=True, # fit a temperature on the validation split
               n_boot:int=2000, # bootstrap resamples for the confidence intervals
               report:bool=True, # write the self-contained report.html
               log=print, # where progress lines go
              )->dict:
-    "Recipe -> patient split -> `build_learner` -> LR finder -> `fine_tune` -> evaluation with CIs -> run folder."
+    "Recipe -> patient split -> the preset's learner -> LR finder -> `fine_tune` -> calibration -> evaluation with CIs -> run folder."
     t0 = time.time()
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    p = get_preset(recipe, preset, arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, size=size, bs=bs, lr=lr,
+                   intensity=intensity, fallback_arch=fallback_arch)
     seed_everything(seed)
-    df = load_dataset(data)
-    sel, dropped = get_recipe(recipe)(df, seed=seed)
-    sel = sel.assign(split_group=duplicate_groups(sel))
-    linked = sel[sel.split_group != sel.patient_id]
+    sp, dropped = recipe_split(load_dataset(data), recipe, seed=seed, pcts=pcts)
+    linked = sp[sp.split_group != sp.patient_id]
     if len(linked): log(f"near-duplicate images link {len(linked)} patient(s) to another: kept in the same split "
-                        f"({', '.join(f'{p} with {g}' for p, g in zip(linked.patient_id, linked.split_group))})")
-    sp = patient_split(sel, pcts=pcts, seed=seed, by='split_group')
+                        f"({', '.join(f'{a} with {b}' for a, b in zip(linked.patient_id, linked.split_group))})")
     cols = [c for c in ('file', 'patient_id', 'split_group', 'label', 'source', 'view', 'split') if c in sp]
     sp[cols].to_csv(out/'splits.csv', index=False)
     dropped.to_csv(out/'recipe_dropped.csv', index=False)
     sizes = split_sizes(sp)
     log(f"{recipe}: {len(sp)} images of {sp.patient_id.nunique()} patients, split {SPLIT_DESCRIPTION}: " +
         ', '.join(f"{s} {v['images']} images / {v['patients']} patients" for s, v in sizes.items()))
-    dls = cxr_dls(sp, size=size, bs=bs, seed=seed)
-    learn, fallback_reason = _build(dls, arch, pretrained, weights, fallback_arch, log)
+    log(f"preset {preset!r}: " + ', '.join(f'{k} {v}' for k, v in p.settings().items()))
+    learn, fallback_reason = preset_learner(sp, p, seed=seed, pretrained=pretrained, weights=weights, log=log)
     learn.path = out
-    log(f"model: {learn.arch}, weights: {learn.weights_source}, device: {dls.device}")
+    log(f"model: {learn.arch}, weights: {learn.weights_source}, device: {learn.dls.device}")
     figs = {}  # file stem -> (caption, figure)
-    if lr == 'auto':
-        lr, fig = quick_lr_find(learn)
-        figs['lr_find'] = ('Learning-rate finder', fig)
-        log(f"LR finder suggests {lr:.2e}")
+    lr_sugg, fig = quick_lr_find(learn, suggestion=p.lr if isinstance(p.lr, str) else 'valley',
+                                 mark=None if isinstance(p.lr, str) else float(p.lr))
+    lr_used = lr_sugg if isinstance(p.lr, str) else float(p.lr)
+    figs['lr_find'] = ('Learning-rate finder (suggestions, and the rate used)', fig)
+    log(f"LR finder: " + ', '.join(f'{k} {v:.1e}' for k, v in learn.lr_suggestions.items()) + f"; training at {lr_used:.1e}"
+        + (f" (the preset's {p.lr} suggestion)" if isinstance(p.lr, str) else " (the preset's fixed rate)"))
     hist = LossHistory()
     learn.add_cb(hist)
     t_train = time.time()
-    fine_tune_cxr(learn, epochs=epochs, lr=float(lr), freeze_epochs=freeze_epochs)
+    fine_tune_cxr(learn, epochs=p.epochs, lr=lr_used, freeze_epochs=p.freeze_epochs)
     t_train = time.time() - t_train
     learn.remove_cb(hist)
-    figs['losses'] = ('Training and validation loss', hist.plot(f'{learn.arch}: {freeze_epochs} frozen + {epochs} unfrozen epochs'))
+    figs['losses'] = ('Training and validation loss', hist.plot(f'{learn.arch}: {p.freeze_epochs} frozen + {p.epochs} unfrozen epochs'))
+    uncal = evaluate_learner(learn, sp, 'test', n_boot=n_boot, seed=seed)
+    temperature = calibrate(learn) if calibrate_probs else None
+    if temperature: log(f"temperature scaling: T = {temperature:.2f}, fitted on the validation split")
     sid = split_id(sp)
-    save_model(learn, out/'model', size=size, extra=dict(recipe=recipe, seed=seed, split_id=sid, split_file='splits.csv'))
+    save_model(learn, out/'model', size=p.size, extra=dict(recipe=recipe, preset=preset, seed=seed, split_id=sid, split_file='splits.csv'))
     res = {s: evaluate_learner(learn, sp, s, n_boot=n_boot, seed=seed) for s in ('valid', 'test')}
     if 'covid' in learn.dls.vocab:
         try: operating_point(res['valid'], res['test'], pos='covid', target_sensitivity=0.95)
         except ValueError as e: log(f"no operating point: {e}")
     test = res['test']
+    calib = dict(temperature=temperature, fitted_on='valid', reported_on='test',
+                 ece_before=uncal['ece'], ece_after=test['ece'], nll_before=_nll(uncal), nll_after=_nll(test)) if temperature else None
+    if calib: log(f"test ECE {_ci(calib['ece_before'])} before calibration, {_ci(calib['ece_after'])} after")
+    cvres = None
+    if cv:
+        log(f"cross-validating the same settings: {cv} folds by patient on the train + valid patients")
+        cvres = cv_preset(sp, p.override(arch=learn.arch), k=cv, seed=seed, n_boot=min(n_boot, 1000), log=log)
+        log(f"cross-validation: {cvres!r}")
     attention = lung_checks(learn, sp[sp.split == 'test'], n_boot=n_boot, seed=seed, log=log)
     figs['confusion'] = ('Confusion matrix, test split', test.plot_confusion())
     figs['roc'] = ('ROC curves, test split', test.plot_roc())
-    figs['reliability'] = ('Reliability diagram, test split', test.plot_reliability())
+    if calib: figs['reliability_uncalibrated'] = ('Reliability diagram, test split, before calibration', uncal.plot_reliability())
+    figs['reliability'] = ('Reliability diagram, test split' + (', after calibration' if calib else ''), test.plot_reliability())
     interp = cxr_interpretation(learn, sp, 'test')
     k = min(9, test.n_images)
-    figs['top_losses'] = (f'Top {k} losses, test split (Grad-CAM of the predicted class)',
-                          top_losses_gallery(learn, interp, k=k, cam='gradcam'))
+    gal = {'top_losses': (f'Top {k} losses, test split (Grad-CAM of the predicted class)', top_losses_gallery(learn, interp, k=k, cam='gradcam'))}
     for c, f in outcome_galleries(learn, test, k=3, cam='gradcam').items():
-        figs[f'outcomes_{c}'] = (f'{c}: true / false positives / negatives, test split (Grad-CAM)', f)
-    files = {stem: _savefig(fig, out/f'{stem}.png') for stem, (cap, fig) in figs.items()}
+        gal[f'outcomes_{c}'] = (f'{c}: true / false positives / negatives, test split (Grad-CAM)', f)
+    files = {stem: _savefig(fig, out/f'{stem}.png') for stem, (cap, fig) in {**figs, **gal}.items()}
     metrics = dict(
-        run=dict(recipe=recipe, arch=learn.arch, arch_requested=arch, fallback_reason=fallback_reason,
-                 weights_source=learn.weights_source, pretrained=pretrained, seed=seed, size=size, bs=bs,
-                 epochs=epochs, freeze_epochs=freeze_epochs, lr=float(lr), device=str(dls.device),
-                 train_seconds=round(t_train, 1), total_seconds=None, torch=torch.__version__,
-                 platform=platform.platform()),
+        run=dict(recipe=recipe, preset=preset, preset_evidence=p.evidence, arch=learn.arch, arch_requested=p.arch,
+                 fallback_reason=fallback_reason, weights_source=learn.weights_source, pretrained=pretrained, seed=seed,
+                 size=p.size, bs=p.bs, epochs=p.epochs, freeze_epochs=p.freeze_epochs, lr=lr_used, lr_rule=p.lr,
+                 lr_suggestions=learn.lr_suggestions, intensity=p.intensity, label_smoothing=p.label_smoothing,
+                 class_weights=p.class_weights, device=str(learn.dls.device), train_seconds=round(t_train, 1),
+                 total_seconds=None, torch=torch.__version__, platform=platform.platform()),
         split=dict(method=SPLIT_DESCRIPTION, pcts=list(pcts), split_id=sid, sizes=sizes),
         recipe=dict(kept=len(sp), dropped=dropped.reason.value_counts().to_dict()),
-        valid=res['valid'].to_dict(), test=test.to_dict(), attention=attention, files=files)
+        valid=res['valid'].to_dict(), test=test.to_dict(), calibration=calib,
+        cross_validation=cvres.to_dict() if cvres else None, attention=attention, files=files)
     if report:
-        pngs = {cap: (out/files[stem]).read_bytes() for stem, (cap, _) in figs.items()}
-        plots = {c: b for c, b in pngs.items() if 'true / false' not in c and not c.startswith('Top ')}
-        galleries = {c: b for c, b in pngs.items() if c not in plots}
-        info = {k: metrics['run'][k] for k in ('recipe', 'arch', 'arch_requested', 'weights_source', 'size', 'epochs',
-                                                'freeze_epochs', 'lr', 'seed', 'device', 'train_seconds')}
-        info['split_id'] = sid
+        info = {k: metrics['run'][k] for k in ('recipe', 'preset', 'arch', 'arch_requested', 'weights_source', 'size', 'epochs',
+                                                'freeze_epochs', 'lr', 'intensity', 'seed', 'device', 'train_seconds')}
+        info.update(split_id=sid, temperature=round(temperature, 3) if temperature else None, preset_evidence=p.evidence)
         notes = [fallback_reason] if fallback_reason else []
-        notes.append(f"Validation split: {res['valid']!r}")
-        write_report(out, test, figures=plots, galleries=galleries, data_summary=data_summary_frame(sp),
+        notes.append(f"Validation split: {res['valid'].summary_line()}")
+        if calib: notes.append(f"Probabilities are temperature-scaled (T = {temperature:.2f}, fitted on the validation split). "
+                               f"Test ECE {_ci(calib['ece_before'])} before, {_ci(calib['ece_after'])} after.")
+        write_report(out, test, figures={figs[s][0]: (out/files[s]).read_bytes() for s in figs},
+                     galleries={gal[s][0]: (out/files[s]).read_bytes() for s in gal}, data_summary=data_summary_frame(sp),
                      split_summary=split_summary_frame(sp), title=f'covidcxr run: {recipe}, {learn.arch}',
-                     model_info=info, notes=notes, split_method=SPLIT_DESCRIPTION,
+                     model_info=info, notes=notes, split_method=SPLIT_DESCRIPTION, cv=cvres, write_json=False,
                      tables={'Top losses, test split': top_losses_table(interp, k), 'Most confused, test split': most_confused_table(interp),
                              **({attention_caption(attention): attention_table(attention)} if attention else {})})
         files['report'] = 'report.html'
     metrics['run']['total_seconds'] = round(time.time() - t0, 1)
     (out/'metrics.json').write_text(json.dumps(metrics, indent=2, default=str))
-    for s in ('valid', 'test'): log(f"{s}: {res[s]!r}")
     log(f"wrote {out} in {metrics['run']['total_seconds']:.0f}s")
     return metrics
