@@ -16,7 +16,7 @@ OUT ?= runs/146
 TRAIN_ARGS ?=
 NB_WORKERS ?= 2
 
-.PHONY: install run test nbtest pytest check docs readme clean
+.PHONY: install run test nbtest pytest check docs readme studies clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: settings.ini setup.py
@@ -48,8 +48,15 @@ pytest: install
 readme: install
 	$(BIN)/python tools/nb2readme.py
 
+# nbdev_proc_nbs pip-installs the project when Quarto is missing: keep that inside .venv
 docs: install readme
-	$(BIN)/nbdev_proc_nbs
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_proc_nbs
+
+# the study notebooks (20+) in their full setting, outputs saved into the notebooks (for the docs)
+studies: install
+	for nb in nbs/2[0-9]_*.ipynb; do COVIDCXR_FULL=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=-1 "$$nb" || exit 1; done
+	$(BIN)/nbdev_clean
 
 clean:
 	rm -rf _proc _docs runs

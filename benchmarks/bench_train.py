@@ -12,6 +12,10 @@ and prints the torch thread count and the device.
 Usage (from the repository root):
     COVIDCXR_DATA=/path/to/cxr .venv/bin/python benchmarks/bench_train.py            # 3 archs x 2 sizes
     COVIDCXR_DATA=/path/to/cxr .venv/bin/python benchmarks/bench_train.py --quick    # 1 arch, 1 size, < 1 min
+    COVIDCXR_DATA=/path/to/cxr .venv/bin/python benchmarks/bench_train.py --presets  # each recipe's training preset, timed
+
+`--presets` trains each recipe's preset (`covidcxr.presets`) once on its train split, as `covidcxr train` does, and
+prints the training seconds (CUDA synchronised around the timing where there is a GPU).
 
 Architectures whose ImageNet weights are not on the machine are built with `pretrained=False` (random
 initialisation, same compute) and the output says so. Weights are never downloaded unless `--online` is given.
@@ -87,6 +91,38 @@ def bench_one(arch:str, size:int, bs:int, n_batches:int, data=None, seed:int=42,
     res['peak_rss_workers_mib'] = _peak_mib(resource.RUSAGE_CHILDREN)
     return res
 
+def bench_preset(recipe:str, data=None, seed:int=42)->dict:
+    "Train `recipe`'s preset once on its train split (validated on valid) and time it."
+    import torch
+    from covidcxr.data import load_dataset
+    from covidcxr.presets import get_preset, recipe_split, train_preset
+    sp, _ = recipe_split(load_dataset(data), recipe, seed=seed)
+    p = get_preset(recipe)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync(); t0 = time.perf_counter()
+    learn = train_preset(sp, p, seed=seed, log=lambda *a: None)
+    sync(); secs = time.perf_counter() - t0
+    n_train = int((sp.split == 'train').sum())
+    return dict(recipe=recipe, arch=learn.arch, size=p.size, freeze_epochs=p.freeze_epochs, epochs=p.epochs, lr=str(p.lr),
+                n_train=n_train, train_s=secs, img_s=n_train * (p.freeze_epochs + p.epochs) / secs,
+                torch_threads=torch.get_num_threads(), device=str(learn.dls.device), peak_rss_mib=_peak_mib())
+
+def presets_main(a)->int:
+    from covidcxr.data import RECIPES
+    load = os.getloadavg()
+    print(f"covidcxr preset training time: each recipe's preset trained once on its train split (seed 42)")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ('  (loaded: times are longer than on an idle machine; compare ratios within one run)' if load[0] > 1.5 else ''))
+    for rec in a.recipes or list(RECIPES):
+        cmd = [sys.executable, os.path.abspath(__file__), '--_preset', rec] + (['--data', a.data] if a.data else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0: print(f"{rec} FAILED:\n{p.stderr.strip()[-2000:]}", file=sys.stderr); return 1
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"preset {r['recipe']}: {r['arch']} {r['size']}px, {r['freeze_epochs']}+{r['epochs']} epochs at lr {r['lr']}, "
+              f"{r['n_train']} training images: {r['train_s']:.0f} s ({r['img_s']:.1f} img/s, {r['torch_threads']} threads, "
+              f"{r['device']}, peak {r['peak_rss_mib']:.0f} MiB)", flush=True)
+    return 0
+
 def _row(r):
     w = 'ImageNet' if r['pretrained'] else 'NONE (pretrained=False)'
     return (f"{r['arch']:<19}{r['size']:>5}{r['dl_img_s']:>10.1f}{r['train_frozen_img_s']:>10.1f}"
@@ -105,9 +141,14 @@ def main(argv=None):
     ap.add_argument('--online', action='store_true', help='allow weight downloads (default: COVIDCXR_OFFLINE=1)')
     ap.add_argument('-v', '--verbose', action='store_true', help='print the seconds each phase took')
     ap.add_argument('--json', default=None, help='also write the figures to this JSON file')
+    ap.add_argument('--presets', action='store_true', help="time each recipe's training preset (one training each)")
+    ap.add_argument('--recipes', nargs='+', help='with --presets: these recipes only (default: all)')
     ap.add_argument('--_one', nargs=2, metavar=('ARCH', 'SIZE'), help=argparse.SUPPRESS)
+    ap.add_argument('--_preset', metavar='RECIPE', help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if not a.online: os.environ.setdefault('COVIDCXR_OFFLINE', '1')
+    if a._preset: print(json.dumps(bench_preset(a._preset, a.data))); return 0
+    if a.presets: return presets_main(a)
     if a._one:
         print(json.dumps(bench_one(a._one[0], int(a._one[1]), a.bs, a.batches, a.data, dl_epochs=a.dl_epochs, infer_warmup=not a.no_infer_warmup))); return 0
     if a.quick: a.archs, a.sizes, a.batches, a.dl_epochs, a.bs, a.no_infer_warmup = ['efficientnet_lite0'], [128], 2, 1, 8, True

@@ -28,7 +28,7 @@ def exit_code(e:BaseException)->int:
     if isinstance(e, DataNotFoundError): return EXIT_NOT_FOUND
     if type(e).__name__ == 'WeightsUnavailableError': return EXIT_NOT_FOUND  # without importing the learner (torch)
     if type(e).__name__ == 'DownloadError': return EXIT_FAILED
-    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)): return EXIT_USAGE
+    if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, KeyError)): return EXIT_USAGE
     return EXIT_FAILED
 
 def error_line(e:BaseException)->str:
@@ -198,19 +198,32 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument('--no-calibration', dest='calibrate', action='store_false', help='do not fit a temperature on the validation split')
     s.add_argument('--weights', metavar='FILE', help='explicit ImageNet weights file for --arch')
     s.add_argument('--dry-run', action='store_true', help='print the settings that would be used, as JSON, and train nothing')
-    s.add_argument('--out', metavar='DIR', help='run folder to write (required unless --dry-run)')
+    s.add_argument('--out', metavar='DIR', help='run folder to write (required unless --dry-run); written whole, or not at all')
+    s.add_argument('--overwrite', action='store_true', help='replace an existing run folder at --out (the old one stays until the new one is complete)')
     s.add_argument('--data', metavar='PATH', help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data)')
 
     s = _sub(subs, 'evaluate', 'evaluate a trained model and write report.html',
         'Evaluate a saved model on a split of its run (by default the test split, which it never trained on)\n'
-        'and write report.html and metrics.json: every metric with its 95% confidence interval.',
+        'and write report.html and metrics.json: every metric with its 95% confidence interval.\n\n'
+        'With --external, --data is a dataset from elsewhere (metadata.csv + images, e.g. another hospital): every\n'
+        "row whose label the model knows is scored, at the threshold chosen on the run's own validation patients;\n"
+        'the other rows are counted by label, not scored. A one-class set measures sensitivity (AUC undefined).\n'
+        '--negatives adds the negatives of another dataset (DIR2:SPLIT: of one split of the run, e.g. its test\n'
+        'patients); the two parts then differ by source as well as by label, and the output says so first.\n'
+        'Exit 2 if --data has no usable row (no metadata.csv, no rows, or no label the model knows).',
         """\
         covidcxr evaluate --model runs/146
-        covidcxr evaluate --model runs/146 --data other/ds --split valid --out runs/146-eval""")
+        covidcxr evaluate --model runs/146 --data other/ds --split valid --out runs/146-eval
+        covidcxr evaluate --model runs/392 --data data/cxr-hannover --external --out runs/392-hannover
+        covidcxr evaluate --model runs/392 --data data/cxr-hannover --external --negatives data/cxr:test""")
     s.add_argument('--model', required=True, metavar='DIR', help='run folder or model folder from `covidcxr train`')
-    s.add_argument('--data', metavar='PATH', help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data)')
-    s.add_argument('--split', default='test', help='split to evaluate (default: test)')
-    s.add_argument('--out', metavar='DIR', help='where to write the report (default: DIR/report-SPLIT)')
+    s.add_argument('--data', metavar='PATH', help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data); with --external: the external dataset (required)')
+    s.add_argument('--split', help='split to evaluate (default: test; not with --external)')
+    s.add_argument('--out', metavar='DIR', help='where to write the report (default: DIR/report-SPLIT, or DIR/report-external-NAME with --external)')
+    s.add_argument('--external', action='store_true', help="score every usable row of --data (a dataset the run never saw) at the threshold chosen on the run's validation split")
+    s.add_argument('--negatives', metavar='DIR2[:SPLIT]', help="with --external: add the negatives of DIR2 (or of the run's split SPLIT of DIR2, via its splits.csv)")
+    s.add_argument('--dev-data', metavar='PATH', help="with --external: the run's development data, to re-predict its validation rows (default: $COVIDCXR_DATA, then ~/.covidcxr/data)")
+    s.add_argument('--target-sensitivity', type=float, default=0.95, metavar='P', help="with --external: sensitivity the threshold reaches on the validation split (default: 0.95)")
 
     s = _sub(subs, 'predict', 'class probabilities for image files or folders',
         'Predict each image (PNG, JPEG, BMP, TIFF, DICOM; folders are searched recursively) with a saved\n'
@@ -337,6 +350,8 @@ def cmd_train(a)->int:
         print(json.dumps(dict(recipe=a.recipe, preset=a.preset, settings=p.settings(), evidence=p.evidence, cv=a.cv), indent=1, default=str))
         return EXIT_OK
     if not a.out: raise CLIError('--out DIR is required (the run folder to write)', EXIT_USAGE)
+    if Path(a.out).exists() and not a.overwrite:
+        raise CLIError(f'--out {a.out}: a run folder already exists; choose another --out, or pass --overwrite to replace it', EXIT_USAGE)
     if a.weights and not Path(a.weights).is_file(): raise CLIError(f'--weights {a.weights}: no such file', EXIT_USAGE)
     if a.weights and not a.pretrained: raise CLIError('--weights and --no-pretrained contradict each other; drop one', EXIT_USAGE)
     _data_root(a.data)
@@ -344,17 +359,28 @@ def cmd_train(a)->int:
     except ImportError as e: raise CLIError(f'covidcxr.run is not available in this installation ({e})')
     m = train_run(recipe=a.recipe, preset=a.preset, arch=a.arch, epochs=a.epochs, freeze_epochs=a.freeze_epochs, size=a.size,
                   bs=a.bs, lr=a.lr, intensity=a.intensity, fallback_arch=a.fallback_arch, seed=a.seed, pretrained=a.pretrained,
-                  weights=a.weights, out=a.out, data=a.data, cv=a.cv, calibrate_probs=a.calibrate)
+                  weights=a.weights, out=a.out, overwrite=a.overwrite, data=a.data, cv=a.cv, calibrate_probs=a.calibrate)
     print(metrics_summary(m))
     print(f'run folder: {a.out}')
     return EXIT_OK
 
 def cmd_evaluate(a)->int:
     if not Path(a.model).is_dir(): raise CLIError(f'--model {a.model}: no such folder', EXIT_USAGE)
+    if a.external:
+        if a.split: raise CLIError('--split does not apply with --external: every usable row of --data is scored', EXIT_USAGE)
+        if not a.data: raise CLIError('--external needs --data DIR, the external dataset folder', EXIT_USAGE)
+        if not 0 < a.target_sensitivity <= 1: raise CLIError(f'--target-sensitivity {a.target_sensitivity}: expected a number in (0, 1]', EXIT_USAGE)
+        from covidcxr.external import evaluate_external, external_report
+        res = evaluate_external(a.model, a.data, negatives=a.negatives, dev_data=a.dev_data, target_sensitivity=a.target_sensitivity)
+        p = external_report(res, a.out or Path(a.model)/f'report-external-{Path(a.data).resolve().name}')
+        print(res.summary())
+        print(f"wrote {p} and {p.parent/'metrics.json'}")
+        return EXIT_OK
+    if a.negatives or a.dev_data: raise CLIError('--negatives and --dev-data need --external', EXIT_USAGE)
     _data_root(a.data)
     try: from covidcxr.report import evaluate_run
     except ImportError as e: raise CLIError(f'covidcxr.report is not available in this installation ({e})')
-    res = evaluate_run(a.model, data=a.data, split=a.split, out=a.out)
+    res = evaluate_run(a.model, data=a.data, split=a.split or 'test', out=a.out)
     if isinstance(res, dict): print(metrics_summary(res) or res)
     elif res is not None: print(res)
     return EXIT_OK

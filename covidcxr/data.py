@@ -198,6 +198,7 @@ def cxr_dblock(vocab=None, # class names (default: sorted labels)
                size:int=224, # final image size
                presize:int|None=None, # size images are resized to on the CPU (default: 1.15 x size)
                augment:bool=True, # apply `cxr_aug_transforms`
+               aug_kwargs:dict|None=None, # arguments for `cxr_aug_transforms` (e.g. `max_rotate`, `min_scale`)
                flip:bool=False, # allow horizontal flips
                splitter=None, # fastai splitter (default: the `split` column, 'valid' is validation)
                img_cls=None, # image type (default: `cxr_image_cls()`)
@@ -209,7 +210,7 @@ def cxr_dblock(vocab=None, # class names (default: sorted labels)
     return DataBlock(blocks=(ImageBlock(cls=img_cls or cxr_image_cls()), CategoryBlock(vocab=vocab)),
                      get_x=ColReader('path'), get_y=ColReader('label'),
                      splitter=splitter or ColSplitter('split', on='valid'),
-                     item_tfms=[IntensityNorm(intensity), item] if intensity else item, batch_tfms=cxr_aug_transforms(size, flip=flip) if augment else None)
+                     item_tfms=[IntensityNorm(intensity), item] if intensity else item, batch_tfms=cxr_aug_transforms(size, flip=flip, **(aug_kwargs or {})) if augment else None)
 
 # %% ../nbs/01_data.ipynb #29c8b258
 def cxr_dls(df:pd.DataFrame, # table with `path`, `label` and `split` (from `patient_split`)

@@ -17,7 +17,7 @@ from .data import *
 __all__ = ['TORCHVISION_ARCHS', 'TIMM_ARCHS', 'OFFLINE_PACKAGES', 'LR_SUGGESTIONS', 'arch_kind', 'WeightsUnavailableError',
            'Weights', 'resolve_weights', 'default_metrics', 'build_learner', 'quick_lr_find', 'PlainProgress',
            'fine_tune_cxr', 'TemperatureScaling', 'fit_temperature', 'raw_logits', 'calibrate', 'save_model',
-           'load_model']
+           'check_run_folder', 'load_model']
 
 # %% ../nbs/05_learner.ipynb #c63c9dfb
 TORCHVISION_ARCHS = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50,
@@ -351,15 +351,29 @@ def _placeholder_dls(cfg):
                         ).dataloaders(t, bs=1, num_workers=0, device=default_device())
         return dls.new_empty()
 
+def check_run_folder(run, # a run folder (`train_run` / `covidcxr train --out`)
+                     cfg:dict, # its model/config.json
+                    ):
+    "A run folder's parts must come from one run: metrics.json present, with the model's split id."
+    m = Path(run)/'metrics.json'
+    if not m.is_file(): raise ValueError(f"{run}: incomplete run folder: model/ without metrics.json (an interrupted run?)")
+    try: sid = json.loads(m.read_text())['split']['split_id']
+    except (ValueError, KeyError, TypeError) as e: raise ValueError(f"{m}: not a covidcxr run's metrics.json ({e!r})") from e
+    if cfg.get('split_id') and sid != cfg['split_id']:
+        raise ValueError(f"{run}: model/config.json (split {cfg['split_id']}) and metrics.json (split {sid}) come from different runs")
+
 def load_model(path, # folder written by `save_model`
                dls:DataLoaders|None=None, # DataLoaders to attach (default: empty ones rebuilt from config.json)
               )->Learner:
     "Rebuild a learner from a `save_model` folder, without unpickling."
     from safetensors.torch import load_file
     path = Path(path)
-    if (path/'model'/'config.json').is_file(): path = path/'model'  # a run folder
+    run = path if (path/'model'/'config.json').is_file() else None
+    if run is not None: path = path/'model'
     if not (path/'config.json').is_file(): raise FileNotFoundError(f"{path}: no config.json here; is this a covidcxr model folder?")
-    cfg = json.loads((path/'config.json').read_text())
+    try: cfg = json.loads((path/'config.json').read_text())
+    except ValueError as e: raise ValueError(f"{path/'config.json'}: not valid JSON ({e})") from e
+    if run is not None: check_run_folder(run, cfg)
     if dls is None: dls = _placeholder_dls(cfg)
     dls.cxr_size, dls.cxr_presize, dls.cxr_intensity = cfg['size'], cfg.get('presize'), cfg.get('intensity')
     if list(dls.vocab) != cfg['vocab']: raise ValueError(f"{path}: the model's classes {cfg['vocab']} differ from the data's {list(dls.vocab)}")

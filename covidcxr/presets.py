@@ -15,8 +15,11 @@ from .evaluate import *
 from .audit import duplicate_groups
 
 # %% auto #0
-__all__ = ['PRESETS', 'TrainPreset', 'get_preset', 'recipe_split', 'preset_learner', 'train_preset', 'cv_pool', 'cv_preset',
-           'cv_search', 'search_summary', 'pick_one_se']
+__all__ = ['AUG', 'PRESETS', 'TrainPreset', 'get_preset', 'recipe_split', 'preset_learner', 'train_preset', 'cv_pool',
+           'cv_preset', 'cv_search', 'search_summary', 'pick_one_se']
+
+# %% ../nbs/15_presets.ipynb #5ab95898
+AUG = {'none': None, 'default': {}, 'strong': dict(max_rotate=12., max_zoom=1.25, max_lighting=0.4, min_scale=0.6)}
 
 # %% ../nbs/15_presets.ipynb #805a31f5
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class TrainPreset:
     lr:float|str=2e-3 # base learning rate, or an LR-finder suggestion ('valley', 'minimum', 'steep')
     intensity:str|None=None # intensity normalisation (`IntensityNorm`): None, 'histeq' or 'clahe'
     label_smoothing:float=0. # label-smoothing cross-entropy when > 0
+    aug:str='default' # augmentation strength: 'default', 'strong' or 'none' (`AUG`)
+    mixup:float=0. # MixUp's alpha when > 0 (fastai's `MixUp` callback, training only)
     class_weights:tuple|None=None # per-class loss weights, in vocabulary order
     evidence:str='' # where the choice comes from (the cross-validated figure)
 
@@ -84,7 +89,9 @@ def preset_learner(df:pd.DataFrame, # table with `split` in {'train', 'valid'} (
                   )->tuple:
     "`(learner, fallback_reason or None)` for `preset` on `df`'s train / valid rows."
     seed_everything(seed)
-    dls = cxr_dls(df, size=preset.size, bs=preset.bs, seed=seed, intensity=preset.intensity)
+    if preset.aug not in AUG: raise ValueError(f"aug must be one of {list(AUG)}; got {preset.aug!r}")
+    dls = cxr_dls(df, size=preset.size, bs=preset.bs, seed=seed, intensity=preset.intensity,
+                  augment=AUG[preset.aug] is not None, aug_kwargs=AUG[preset.aug])
     kw = dict(class_weights=list(preset.class_weights) if preset.class_weights else None,
               loss_func=LabelSmoothingCrossEntropyFlat(eps=preset.label_smoothing) if preset.label_smoothing else None)
     try: return build_learner(dls, preset.arch, pretrained=pretrained, weights=weights, **kw), None
@@ -104,7 +111,10 @@ def train_preset(df:pd.DataFrame, # table with `split` in {'train', 'valid'}
                 )->Learner:
     "Build and fine-tune a learner as `preset` says; the learner records `lr_used` and `fallback_reason`."
     learn, why = preset_learner(df, preset, seed=seed, log=log, **kwargs)
-    learn.lr_used = fine_tune_cxr(learn, epochs=preset.epochs, lr=preset.lr, freeze_epochs=preset.freeze_epochs)
+    mix = [MixUp(preset.mixup)] if preset.mixup else []
+    learn.add_cbs(mix)
+    try: learn.lr_used = fine_tune_cxr(learn, epochs=preset.epochs, lr=preset.lr, freeze_epochs=preset.freeze_epochs)
+    finally: learn.remove_cbs(mix)
     learn.fallback_reason = why
     return learn
 

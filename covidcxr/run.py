@@ -4,7 +4,8 @@
 
 # %% ../nbs/10_run.ipynb #a1bfd9d1
 from __future__ import annotations
-import json, time, hashlib, platform
+import json, time, hashlib, platform, shutil, tempfile
+from contextlib import contextmanager
 from fastai.vision.all import *
 from .core import *
 from .data import *
@@ -17,7 +18,7 @@ from .presets import *
 
 # %% auto #0
 __all__ = ['SPLIT_DESCRIPTION', 'LossHistory', 'split_sizes', 'split_id', 'lung_checks', 'attention_caption', 'attention_table',
-           'train_run']
+           'run_folder', 'train_run']
 
 # %% ../nbs/10_run.ipynb #0fde51df
 class LossHistory(Callback):
@@ -88,6 +89,27 @@ def attention_table(att:dict)->pd.DataFrame:
             ("Predictions changed by the blanking", m['predictions_changed'])]
     return pd.DataFrame([(k, _ci(v)) for k, v in rows], columns=['check', 'value (95% CI, patient bootstrap)'])
 
+# %% ../nbs/10_run.ipynb #7553c84b
+@contextmanager
+def run_folder(out, # the run folder to create
+               overwrite:bool=False, # replace an existing folder (only once the new one is complete)
+              ):
+    "Yield a temporary sibling of `out` to write into; rename it to `out` on success, remove it on any failure."
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: a run folder already exists; choose another --out, or pass --overwrite to replace it")
+    if out.exists() and not out.is_dir(): raise FileExistsError(f"{out}: exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
+    try:
+        yield work
+        old = None
+        if out.exists(): old = out.with_name(f'.{out.name}.old-{os.getpid()}'); os.replace(out, old)
+        os.replace(work, out)
+        if old is not None: shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True); raise
+
 # %% ../nbs/10_run.ipynb #c8583cf6
 def _nll(res:CXRMetrics)->float:
     "Mean negative log-likelihood of the true class (lower is better calibrated and sharper)."
@@ -107,7 +129,8 @@ def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
               seed:int=42, # seeds the recipe, the split, the DataLoaders and the model
               pretrained:bool=True, # start from ImageNet weights
               weights=None, # explicit weights file
-              out='runs/run', # run folder to write
+              out='runs/run', # run folder to write (written whole or not at all)
+              overwrite:bool=False, # replace an existing run folder at `out` (never mixed with it)
               data=None, # dataset folder (default: `data_root()`)
               pcts=(0.7, 0.2, 0.1), # train / valid / test shares of patients
               cv:int=0, # also cross-validate the same settings by patient, k folds, on train + valid patients (0: no)
@@ -117,8 +140,14 @@ def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
               log=print, # where progress lines go
              )->dict:
     "Recipe -> patient split -> the preset's learner -> LR finder -> `fine_tune` -> calibration -> evaluation with CIs -> run folder."
+    final = Path(out)
+    with run_folder(final, overwrite) as out:
+        return _train_run(out, final, recipe, preset, arch, epochs, freeze_epochs, size, bs, lr, intensity, fallback_arch, seed,
+                          pretrained, weights, data, pcts, cv, calibrate_probs, n_boot, report, log)
+
+def _train_run(out, final, recipe, preset, arch, epochs, freeze_epochs, size, bs, lr, intensity, fallback_arch, seed,
+               pretrained, weights, data, pcts, cv, calibrate_probs, n_boot, report, log):
     t0 = time.time()
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
     p = get_preset(recipe, preset, arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, size=size, bs=bs, lr=lr,
                    intensity=intensity, fallback_arch=fallback_arch)
     seed_everything(seed)
@@ -207,5 +236,5 @@ def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
         files['report'] = 'report.html'
     metrics['run']['total_seconds'] = round(time.time() - t0, 1)
     (out/'metrics.json').write_text(json.dumps(metrics, indent=2, default=str))
-    log(f"wrote {out} in {metrics['run']['total_seconds']:.0f}s")
+    log(f"wrote {final} in {metrics['run']['total_seconds']:.0f}s")
     return metrics

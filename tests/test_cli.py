@@ -110,3 +110,52 @@ def test_serve(model_dir, shared):
     assert p.returncode == 0 and 'stopped' in out, (p.returncode, out, err)
     r = cli('serve', '--model', model_dir.parent/'nope')
     assert r.returncode == 2 and 'not a covidcxr model or run folder' in r.stderr
+
+def test_train_cv_writes_folds_and_pooled(tmp_path, shared):
+    "`covidcxr train --cv 3`: the preset cross-validated by patient beside the single split, in metrics.json, report.html and the summary."
+    out = tmp_path/'run'
+    r = cli('train', '--recipe', 'covid_vs_pneumonia_146', '--size', '64', '--freeze-epochs', '0', '--epochs', '1', '--cv', '3', '--out', out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out/'metrics.json').read_text())
+    cv = m['cross_validation']
+    assert cv['k'] == 3 and len(cv['folds']) == 3
+    sp = pd.read_csv(out/'splits.csv')
+    pool = sp[sp.split != 'test']
+    assert sum(f['n_patients'] for f in cv['folds']) == pool.patient_id.nunique()   # each train + valid patient held out once
+    assert cv['pooled_out_of_fold']['n_patients'] == pool.patient_id.nunique()     # and never a test patient
+    for k in ('accuracy', 'macro_auc'):
+        v = cv['mean_over_folds']['metrics'][k]; assert v['ci_low'] <= v['value'] <= v['ci_high']
+        v = cv['pooled_out_of_fold']['metrics'][k]; assert v['ci_low'] <= v['value'] <= v['ci_high']
+    assert '3-fold cross-validation by patient' in r.stdout
+    assert 'id="cv"' in (out/'report.html').read_text()
+    assert m['run']['epochs'] == 1 and m['run']['size'] == 64 and m['run']['preset'] == 'default'
+
+def _tree_hashes(folder):
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob('*')) if p.is_file()}
+
+def test_train_run_folder_is_atomic(tmp_path, shared):
+    "An existing run is refused without --overwrite (exit 2, untouched); SIGINT at any moment leaves the old run or the new one, never a mix."
+    quick = ('--recipe', 'covid_vs_pneumonia_146', '--size', '64', '--freeze-epochs', '0', '--epochs', '1')
+    out = tmp_path/'run'
+    r = cli('train', *quick, '--out', out); assert r.returncode == 0, r.stderr[-2000:]
+    old = _tree_hashes(out)
+    r = cli('train', *quick, '--out', out)
+    assert r.returncode == 2 and 'a run folder already exists' in r.stderr and '--overwrite' in r.stderr, r.stderr
+    assert _tree_hashes(out) == old
+    cmd = [str(EXE)] if EXE.exists() else [sys.executable, '-m', 'covidcxr.cli']
+    outcomes = set()
+    for delay in (1, 4, 8, 14):   # seconds after start: while loading, splitting, training, writing
+        p = subprocess.Popen(cmd + ['train', *quick, '--seed', '7', '--overwrite', '--out', str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try: p.wait(timeout=delay)
+        except subprocess.TimeoutExpired: p.send_signal(signal.SIGINT)
+        p.wait(timeout=120)
+        now = _tree_hashes(out)
+        if now == old: outcomes.add('old')
+        else:   # the new run, complete and self-consistent
+            m, cfg = json.loads((out/'metrics.json').read_text()), json.loads((out/'model'/'config.json').read_text())
+            assert m['split']['split_id'] == cfg['split_id'] and m['run']['seed'] == 7 and (out/'report.html').is_file()
+            outcomes.add('new'); old = now
+        assert sorted(p.name for p in tmp_path.iterdir()) == ['run'], list(tmp_path.iterdir())   # no partial folder left
+    assert 'old' in outcomes, outcomes   # at least one interruption really interrupted
