@@ -13,9 +13,9 @@ from .dicom import read_cxr, CXRReadError
 
 # %% auto #0
 __all__ = ['HASHES', 'dhash', 'ahash', 'hamming', 'image_hashes', 'LeakageReport', 'leakage_report', 'duplicate_groups',
-           'image_features', 'patient_bootstrap', 'source_shortcut_check', 'source_summary', 'apply_lung_mask',
-           'has_mask', 'masked_copies', 'masked_rescore', 'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats',
-           'cam_in_lungs', 'cam_lung_summary', 'load_splits', 'run_audit']
+           'recipe_split', 'image_features', 'patient_bootstrap', 'source_shortcut_check', 'source_summary',
+           'apply_lung_mask', 'has_mask', 'masked_copies', 'masked_rescore', 'masked_summary', 'lung_masks_as_seen',
+           'cam_lung_stats', 'cam_in_lungs', 'cam_lung_summary', 'load_splits', 'run_audit']
 
 # %% ../nbs/09_audit.ipynb #ed63209b
 def dhash(img:Image.Image, # any PIL image (converted to grayscale)
@@ -131,6 +131,18 @@ def duplicate_groups(df:pd.DataFrame, # table with `path` and `patient_id` (and 
         ra, rb = find(pids[a]), find(pids[b])
         if ra != rb: parent[max(ra, rb)] = min(ra, rb)
     return pd.Series([find(p) for p in pids], index=df.index, name='split_group')
+
+# %% ../nbs/09_audit.ipynb #89a8c9d2
+def recipe_split(df:pd.DataFrame, # dataset table (`load_dataset`)
+                 recipe:str, # a recipe name (`RECIPES`)
+                 seed:int=42, # seeds the recipe and the split
+                 pcts=(0.7, 0.2, 0.1), # train / valid / test shares of patients
+                )->tuple:
+    "`(split table, dropped rows)`: the recipe's selection with `split_group` and `split` (by patient group)."
+    from covidcxr.data import get_recipe, patient_split
+    sel, dropped = get_recipe(recipe)(df, seed=seed)
+    sel = sel.assign(split_group=duplicate_groups(sel))
+    return patient_split(sel, pcts=pcts, seed=seed, by='split_group'), dropped
 
 # %% ../nbs/09_audit.ipynb #7795616d
 def image_features(paths, # image files
@@ -438,11 +450,11 @@ def run_audit(data=None, # dataset folder (default: `data_root()`)
               source_check:bool=True, # also run the source check (needs the feature extractor's weights)
              )->dict:
     "Leakage and source checks on a recipe's split; returns the audit as a dict with a `summary` text."
-    from covidcxr.data import load_dataset, get_recipe, patient_split
+    from covidcxr.data import load_dataset, get_recipe
     df = load_dataset(data)
-    rec = get_recipe(recipe)
+    get_recipe(recipe)
     if splits: tab, how = load_splits(splits, df), f'split from {splits}'
-    else: tab, how = patient_split(rec(df, seed=seed)[0], seed=seed), f'recipe {recipe}, patient split seed {seed}'
+    else: tab, how = recipe_split(df, recipe, seed=seed)[0], f'recipe {recipe}, split by patient (near-duplicates linked), seed {seed}'
     leak = leakage_report(tab, threshold=threshold)
     res = dict(data=str(data_root(data)), table=how, n_images=len(tab), leakage=leak.to_dict())
     parts = [f"audit of {how}: {len(tab)} images", leak.summary()]
@@ -453,4 +465,5 @@ def run_audit(data=None, # dataset folder (default: `data_root()`)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out)/'audit.json').write_text(json.dumps(res, indent=1, default=str))
+        tab[[c for c in ('file', 'patient_id', 'split_group', 'label', 'source', 'split') if c in tab]].to_csv(Path(out)/'splits.csv', index=False)
     return res

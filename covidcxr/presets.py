@@ -12,11 +12,12 @@ from .core import *
 from .data import *
 from .learner import *
 from .evaluate import *
-from .audit import duplicate_groups
+from .audit import duplicate_groups, recipe_split
+_all_ = ['recipe_split']   # part of this module's API too: `from covidcxr.presets import *` gives the one split
 
 # %% auto #0
-__all__ = ['AUG', 'PRESETS', 'TrainPreset', 'get_preset', 'recipe_split', 'preset_learner', 'train_preset', 'cv_pool',
-           'cv_preset', 'cv_search', 'search_summary', 'pick_one_se']
+__all__ = ['AUG', 'PRESETS', 'TrainPreset', 'get_preset', 'preset_learner', 'train_preset', 'cv_pool', 'cv_preset', 'cv_search',
+           'search_summary', 'pick_one_se', 'recipe_split']
 
 # %% ../nbs/15_presets.ipynb #5ab95898
 AUG = {'none': None, 'default': {}, 'strong': dict(max_rotate=12., max_zoom=1.25, max_lighting=0.4, min_scale=0.6)}
@@ -67,17 +68,6 @@ def get_preset(recipe:str, # a recipe name (`RECIPES`)
     if name not in PRESETS.get(recipe, {}):
         raise KeyError(f"recipe {recipe!r} has no preset {name!r}; it has {sorted(PRESETS.get(recipe, {}))}")
     return PRESETS[recipe][name].override(**overrides)
-
-# %% ../nbs/15_presets.ipynb #8a150e01
-def recipe_split(df:pd.DataFrame, # dataset table (`load_dataset`)
-                 recipe:str, # a recipe name (`RECIPES`)
-                 seed:int=42, # seeds the recipe and the split
-                 pcts=(0.7, 0.2, 0.1), # train / valid / test shares of patients
-                )->tuple[pd.DataFrame, pd.DataFrame]:
-    "`(split table, dropped rows)`: the recipe's selection with `split_group` and `split` (by patient group)."
-    sel, dropped = get_recipe(recipe)(df, seed=seed)
-    sel = sel.assign(split_group=duplicate_groups(sel))
-    return patient_split(sel, pcts=pcts, seed=seed, by='split_group'), dropped
 
 # %% ../nbs/15_presets.ipynb #7d4beb13
 def preset_learner(df:pd.DataFrame, # table with `split` in {'train', 'valid'} (others ignored)

@@ -159,3 +159,15 @@ def test_train_run_folder_is_atomic(tmp_path, shared):
             outcomes.add('new'); old = now
         assert sorted(p.name for p in tmp_path.iterdir()) == ['run'], list(tmp_path.iterdir())   # no partial folder left
     assert 'old' in outcomes, outcomes   # at least one interruption really interrupted
+
+def test_audit_and_train_use_the_same_split(tmp_path, shared):
+    "`covidcxr audit --recipe R` (no --splits) checks exactly the split `covidcxr train --recipe R` trains on, file by file."
+    from covidcxr.data import RECIPES
+    from covidcxr.audit import recipe_split
+    for r in RECIPES:
+        out = tmp_path/r
+        res = cli('audit', '--recipe', r, '--no-source-check', '--out', out)
+        assert res.returncode == 0, res.stderr[-2000:]
+        audited = pd.read_csv(out/'splits.csv').set_index('file').split
+        trained = recipe_split(shared, r)[0].set_index('file').split   # what train_run writes to splits.csv (10_run checks that)
+        assert audited.sort_index().to_dict() == trained.sort_index().to_dict(), r
