@@ -370,6 +370,7 @@ def cmd_evaluate(a)->int:
         if a.split: raise CLIError('--split does not apply with --external: every usable row of --data is scored', EXIT_USAGE)
         if not a.data: raise CLIError('--external needs --data DIR, the external dataset folder', EXIT_USAGE)
         if not 0 < a.target_sensitivity <= 1: raise CLIError(f'--target-sensitivity {a.target_sensitivity}: expected a number in (0, 1]', EXIT_USAGE)
+        if a.dev_data: _data_root(a.dev_data)   # a wrong --dev-data fails now (exit 3), not later as a missing threshold
         from covidcxr.external import evaluate_external, external_report
         res = evaluate_external(a.model, a.data, negatives=a.negatives, dev_data=a.dev_data, target_sensitivity=a.target_sensitivity)
         p = external_report(res, a.out or Path(a.model)/f'report-external-{Path(a.data).resolve().name}')

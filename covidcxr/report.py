@@ -14,8 +14,8 @@ from .evaluate import CXRMetrics, CVResult, evaluate_learner, operating_point
 from .interpret import cxr_interpretation, top_losses_table, most_confused_table, top_losses_gallery, outcome_galleries
 
 # %% auto #0
-__all__ = ['ORDER', 'NAMES', 'fig_png', 'metrics_frame', 'write_report', 'data_summary_frame', 'split_summary_frame',
-           'error_galleries', 'evaluate_run']
+__all__ = ['ORDER', 'NAMES', 'NOT_A_DEVICE', 'fig_png', 'metrics_frame', 'source_confounding', 'trust_lines', 'write_report',
+           'data_summary_frame', 'split_summary_frame', 'error_galleries', 'evaluate_run']
 
 # %% ../nbs/08_report.ipynb #665443dd
 def fig_png(fig, dpi:int=90)->bytes:
@@ -48,6 +48,51 @@ def metrics_frame(res:CXRMetrics)->pd.DataFrame:
                     '95% CI': f"{v['ci_low']:.3f} - {v['ci_high']:.3f}" if fin and np.isfinite(v['ci_low']) else ''})
     return pd.DataFrame(out)
 
+# %% ../nbs/08_report.ipynb #0bee5490
+def source_confounding(df:pd.DataFrame|None, # rows with `label` and `source`, or a summary with an `images` count per (label, source)
+                       tol:float=0.1, # a source's share of two labels' images may differ this much before it counts
+                      )->str|None:
+    "A sentence with the counts when the images' sources differ by label; None when they do not or cannot be compared."
+    if df is None or not {'label', 'source'} <= set(df.columns) or not len(df): return None
+    w = df['images'] if 'images' in df else pd.Series(1, index=df.index)
+    ct = pd.crosstab(df['label'].astype(str), df['source'].astype(str), values=w, aggfunc='sum').fillna(0)
+    if len(ct) < 2 or ct.shape[1] < 2: return None
+    share = ct.div(ct.sum(axis=1), axis=0)
+    if (share.max() - share.min()).max() <= tol: return None
+    per_label = '; '.join(f"{l}: " + ', '.join(f"{int(n)} from {s}" for s, n in r[r > 0].sort_values(ascending=False).items())
+                          for l, r in ct.iterrows())
+    return (f"The image sources differ by label ({per_label} images), so a model can score well here by "
+            "recognising the source rather than the disease.")
+
+# %% ../nbs/08_report.ipynb #e3eaf1c2
+NOT_A_DEVICE = 'Research prototype, not a medical device: not for diagnosis or treatment decisions.'
+
+def trust_lines(metrics:CXRMetrics, # the figures the report shows
+                split_method:str, # how the data were split (e.g. 'by patient ...')
+                data:pd.DataFrame|None=None, # rows, or a (label, source, images) summary; default: `metrics.items`
+                external:str|None=None, # one sentence: the model's figure on a hospital it never saw
+               )->dict:
+    "The 'How far to trust this' box as `{topic: sentence}`: split, source confounding, external check, status."
+    rows = data if data is not None and {'label', 'source'} <= set(data.columns) else metrics.items
+    out = {'Split': f"{split_method}; the figures are on the {metrics.split} split ({metrics.n_images} images of "
+                    f"{metrics.n_patients} patients), with {int(metrics.level * 100)}% CIs from a bootstrap over patients."}
+    src = None if rows is None or 'source' not in rows else rows['source'].dropna().astype(str)
+    src = None if src is None else src[src != 'unknown']
+    if src is None or not len(src):
+        out['Sources'] = "No image source is recorded, so whether the label is confounded with the hospital or archive cannot be checked here."
+    elif (conf := source_confounding(rows)): out['Sources'] = conf
+    elif src.nunique() == 1: out['Sources'] = f"All these images come from one source ({src.iloc[0]})."
+    else: out['Sources'] = "The image sources do not differ by label here (each source's share within 10 points across labels)."
+    out['External check'] = external or ("None in this report: every figure comes from the same archives the model was trained on. "
+                                         "`covidcxr evaluate --model RUN --data DIR --external` measures it on a hospital it never saw.")
+    out['Status'] = NOT_A_DEVICE
+    return out
+
+def _trust_html(lines:dict)->str:
+    e = html.escape
+    return ('<section id="trust" class="note"><h2>How far to trust this</h2><ul>' +
+            ''.join(f'<li><b>{e(k)}</b>: {e(v)}</li>' for k, v in lines.items()) + '</ul></section>')
+
 # %% ../nbs/08_report.ipynb #778a38e4
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:1.8em}
@@ -68,14 +113,17 @@ def write_report(out_dir, # folder to write report.html and metrics.json into
                  notes=None, # str or list of str: caveats the reader must see
                  split_method:str='by patient (no patient in two splits), stratified by label',
                  write_json:bool=True, # also write metrics.json (off when the caller writes its own)
+                 external:str|None=None, # one sentence: the model's figure on a hospital it never saw (shown in the box at the top)
                 )->Path:
     "Write a self-contained `report.html` (images embedded) and `metrics.json`; return the HTML path."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    figures = ifnone(figures, {'Confusion matrix': metrics.plot_confusion(), 'ROC curves': metrics.plot_roc(),
-                               'Reliability diagram': metrics.plot_reliability()})
+    if figures is None:   # (not `ifnone`: its default would be drawn even when figures are given)
+        figures = {'Confusion matrix': metrics.plot_confusion(), 'ROC curves': metrics.plot_roc(),
+                   'Reliability diagram': metrics.plot_reliability()}
     e = html.escape
     s = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{_CSS}</style></head><body>',
          f'<h1>{e(title)}</h1>',
+         _trust_html(trust := trust_lines(metrics, split_method, data_summary, external)),
          f'<p class="small">Written {time.strftime("%Y-%m-%d %H:%M:%S")} by covidcxr. Every figure below is computed on the '
          f'<b>{e(str(metrics.split))}</b> split ({metrics.n_images} images of {metrics.n_patients} patients), with '
          f'{int(metrics.level * 100)}% confidence intervals from a bootstrap that resamples <b>patients</b> '
@@ -129,7 +177,7 @@ def write_report(out_dir, # folder to write report.html and metrics.json into
     d = metrics.to_dict()
     if model_info: d['model'] = {k: v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v) for k, v in model_info.items()}
     if cv is not None: d['cross_validation'] = cv.to_dict()
-    d['notes'] = notes
+    d['notes'], d['how_far_to_trust'] = notes, trust
     (out/'metrics.json').write_text(json.dumps(d, indent=1, allow_nan=False))
     return p
 
@@ -192,8 +240,8 @@ def evaluate_run(model_dir, # run folder: `splits.csv` + `model/` (or a model fo
     df['path'] = [str(root/f) for f in df.file]
     try:
         from covidcxr.data import load_dataset
-        meta = load_dataset(root, check_files=False)[['file', 'source', 'view']]
-        df = df.merge(meta, on='file', how='left')
+        cols = [c for c in ('source', 'view') if c not in df]   # splits.csv written by `train_run` already has them
+        if cols: df = df.merge(load_dataset(root, check_files=False)[['file', *cols]], on='file', how='left')
     except Exception: pass
     used = df.split.isin({split, 'valid'})
     bad = _readable(df.path[used])
