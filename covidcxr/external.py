@@ -331,6 +331,8 @@ def evaluate_external(run, # a run folder (`covidcxr train --out`): model/ and s
     if thr:
         at, sk = threshold_metrics(probs, targets, vocab, pids, thr['threshold'], pos, n_boot, seed)
         ext_at, _ = threshold_metrics(probs[is_ext], targets[is_ext], vocab, pids[is_ext], thr['threshold'], pos, n_boot, seed)
+        for d, t in ((at, targets), (ext_at, targets[is_ext])):   # one class: PPV / NPV are 1 or 0 by construction, not measurements
+            if len(set(t)) == 1: d.update({k: dict(value=np.nan, ci_low=np.nan, ci_high=np.nan) for k in ('ppv', 'npv')})
         m.operating_point = dict(positive_class=pos, threshold=thr['threshold'], target_sensitivity=target_sensitivity,
                                  chosen_on=f"valid (run {Path(run).name}: {thr['n_images']} images of {thr['n_patients']} patients)",
                                  reported_on=name, valid=thr['valid'],

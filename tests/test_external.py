@@ -73,6 +73,7 @@ def test_hannover_single_class(run2, hannover, tmp_path, capsys):
     assert d['auc']['covid']['value'] is None and d['auc']['covid']['reason'] == 'undefined: only covid films; an AUC needs films of another class too'
     assert abs(sum(v['value'] for v in d['called_external'].values()) - 1) < 1e-9
     assert {'covid/ppv', 'covid/specificity', 'covid/auc'} <= set(d['metrics']['undefined'])
+    assert [k for k, v in d['at_threshold']['all'].items() if v['value'] is None] == ['specificity', 'ppv', 'npv']
     html = (tmp_path/'ext'/'report.html').read_text()
     box = html.split('<section id="trust"')[1].split('</section>')[0]
     assert 'How far to trust this' in box and 'not a medical device' in box and 'covid sensitivity' in box
