@@ -55,30 +55,36 @@ def find_images(paths, # files and folders
 def predict_files(learn, # a fastai Learner, e.g. from `covidcxr.learner.load_model`
                   paths, # image files and/or folders (searched recursively)
                   bs:int=16, # batch size for prediction
+                  guard=None, # a `covidcxr.guard.OODGuard` (e.g. `OODGuard.load(model_folder)`); the cheap image checks always run
                  ):
-    "One row per file: `file`, `predicted`, a `prob_<class>` column per class, and `error` (empty when it was read)."
-    import pandas as pd
+    "One row per file: `file`, `predicted`, a `prob_<class>` column per class, `error` (unreadable) and `not_classified` (why not)."
+    import numpy as np, pandas as pd
+    from contextlib import nullcontext
     from covidcxr.dicom import read_cxr, CXRReadError
+    from covidcxr.guard import image_checks, capture_features
     files, ignored = find_images(paths)
-    errors = {}
+    errors, rejected = {}, {}
     for f in files:
-        try: read_cxr(f)
-        except CXRReadError as e: errors[f] = e.reason
-        except OSError as e: errors[f] = f'cannot read: {e}'
-    ok = [f for f in files if f not in errors]
+        try: why = image_checks(read_cxr(f))
+        except CXRReadError as e: errors[f] = e.reason; continue
+        except OSError as e: errors[f] = f'cannot read: {e}'; continue
+        if why: rejected[f] = f'not classified: {why}'
+    ok = [f for f in files if f not in errors and f not in rejected]
     vocab = list(learn.dls.vocab)
     probs = {}
     if ok:
         dl = learn.dls.test_dl(pd.DataFrame({'path': [str(f) for f in ok]}), bs=bs)
-        with learn.no_bar(): p, _ = learn.get_preds(dl=dl)
-        probs = dict(zip(ok, p.float().numpy()))
+        with (capture_features(learn.model) if guard is not None else nullcontext()) as feats, learn.no_bar(): p, _ = learn.get_preds(dl=dl)
+        if guard is not None: rejected.update({f: why for f, why in zip(ok, guard.check(np.concatenate(feats))) if why})
+        probs = {f: v for f, v in zip(ok, p.float().numpy()) if f not in rejected}
     rows = []
     for f in files:
-        r = dict(file=str(f), predicted='', **{f'prob_{c}': float('nan') for c in vocab}, error=errors.get(f, ''))
+        r = dict(file=str(f), predicted='', **{f'prob_{c}': float('nan') for c in vocab}, error=errors.get(f, ''),
+                 not_classified=rejected.get(f, ''))
         if f in probs:
             r.update({f'prob_{c}': float(v) for c, v in zip(vocab, probs[f])}, predicted=vocab[int(probs[f].argmax())])
         rows.append(r)
-    df = pd.DataFrame(rows, columns=['file', 'predicted', *[f'prob_{c}' for c in vocab], 'error'])
+    df = pd.DataFrame(rows, columns=['file', 'predicted', *[f'prob_{c}' for c in vocab], 'error', 'not_classified'])
     df.attrs['ignored'] = [str(f) for f in ignored]
     return df
 
@@ -392,17 +398,20 @@ def cmd_predict(a)->int:
     missing = [p for p in a.paths if not Path(p).exists()]
     if missing: raise CLIError(f"no such file or folder: {', '.join(missing)}", EXIT_USAGE)
     from covidcxr.learner import load_model
-    learn = load_model(a.model)
-    df = predict_files(learn, a.paths, bs=a.bs)
+    from covidcxr.guard import OODGuard
+    learn, guard = load_model(a.model), OODGuard.load(a.model)
+    df = predict_files(learn, a.paths, bs=a.bs, guard=guard)
     if not len(df): raise CLIError(f"no image files found in {', '.join(a.paths)}", EXIT_USAGE)
     if a.out: df.to_csv(a.out, index=False)
     else: df.to_csv(sys.stdout, index=False)
-    bad = df[df.error != '']
-    msg = f'predicted {len(df) - len(bad)} of {len(df)} file(s)' + (f'; written to {a.out}' if a.out else '')
+    bad, rej = df[df.error != ''], df[df.not_classified != '']
+    msg = f'predicted {len(df) - len(bad) - len(rej)} of {len(df)} file(s)' + (f'; written to {a.out}' if a.out else '')
+    if len(rej): msg += f'; {len(rej)} not classified: ' + '; '.join(f'{f} ({e})' for f, e in zip(rej.file[:10], rej.not_classified[:10]))
+    if guard is None: msg += '; this model has no saved guard (older than the guard): only the cheap image checks were applied'
     if bad.size: msg += f'; {len(bad)} could not be read: ' + '; '.join(f'{f} ({e})' for f, e in zip(bad.file[:10], bad.error[:10]))
     if df.attrs.get('ignored'): msg += f"; ignored {len(df.attrs['ignored'])} non-image file(s) in the folders"
     print(msg, file=sys.stderr)
-    return EXIT_OK if len(bad) < len(df) else EXIT_FAILED
+    return EXIT_OK if len(bad) + len(rej) < len(df) else EXIT_FAILED
 
 def cmd_audit(a)->int:
     _data_root(a.data)

@@ -15,6 +15,7 @@ from .interpret import *
 from .report import write_report, data_summary_frame, split_summary_frame
 from .audit import cam_in_lungs, masked_rescore, cam_lung_summary, masked_summary, _ci
 from .presets import *
+from .guard import OODGuard
 
 # %% auto #0
 __all__ = ['SPLIT_DESCRIPTION', 'LossHistory', 'split_sizes', 'split_id', 'lung_checks', 'attention_caption', 'attention_table',
@@ -184,6 +185,9 @@ def _train_run(out, final, recipe, preset, arch, epochs, freeze_epochs, size, bs
     if temperature: log(f"temperature scaling: T = {temperature:.2f}, fitted on the validation split")
     sid = split_id(sp)
     save_model(learn, out/'model', size=p.size, extra=dict(recipe=recipe, preset=preset, seed=seed, split_id=sid, split_file='splits.csv'))
+    guard = OODGuard.fit(learn)
+    guard.save(out/'model')
+    log(f"guard: {guard!r} ({guard.info['threshold_rule']})")
     res = {s: evaluate_learner(learn, sp, s, n_boot=n_boot, seed=seed) for s in ('valid', 'test')}
     if 'covid' in learn.dls.vocab:
         try: operating_point(res['valid'], res['test'], pos='covid', target_sensitivity=0.95)
@@ -217,7 +221,7 @@ def _train_run(out, final, recipe, preset, arch, epochs, freeze_epochs, size, bs
                  total_seconds=None, torch=torch.__version__, platform=platform.platform()),
         split=dict(method=SPLIT_DESCRIPTION, pcts=list(pcts), split_id=sid, sizes=sizes),
         recipe=dict(kept=len(sp), dropped=dropped.reason.value_counts().to_dict()),
-        valid=res['valid'].to_dict(), test=test.to_dict(), calibration=calib,
+        valid=res['valid'].to_dict(), test=test.to_dict(), calibration=calib, guard=dict(threshold=guard.threshold, k=guard.k, **guard.info),
         cross_validation=cvres.to_dict() if cvres else None, attention=attention, files=files)
     if report:
         info = {k: metrics['run'][k] for k in ('recipe', 'preset', 'arch', 'arch_requested', 'weights_source', 'size', 'epochs',

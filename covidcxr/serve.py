@@ -16,6 +16,7 @@ from .core import *
 from .dicom import read_cxr, CXRReadError, IMAGE_SUFFIXES
 from .learner import load_model
 from .interpret import grad_cam
+from .guard import OODGuard, image_checks, capture_features
 
 # %% auto #0
 __all__ = ['NOT_A_DEVICE', 'MAX_UPLOAD', 'IN_MEMORY_UPLOADS', 'LOOPBACK_HOSTS', 'run_name', 'model_card', 'UploadError',
@@ -145,6 +146,7 @@ class CXRPredictor:
         self.path, self.cam, self.max_bytes = Path(model), cam, max_bytes
         self.card = model_card(self.path)
         self.learn = load_model(self.path)
+        self.guard = OODGuard.load(self.path)   # None for models saved before the guard: the cheap checks still run
         self.learn.model.eval()
         self.vocab = list(self.learn.dls.vocab)
         mean, std = (np.asarray(s, dtype=float) for s in self.learn.norm_stats)
@@ -176,32 +178,40 @@ class CXRPredictor:
         "The model's input batch, Grad-CAM heatmaps (or None) and probabilities for one image (with the model's temperature, if calibrated)."
         dl = self.learn.dls.test_dl(pd.DataFrame({'path': [img]}), bs=1, rm_type_tfms=0)
         t = float(getattr(self.learn, 'temperature', None) or 1.)  # `get_preds` applies it by a callback; the model alone does not
-        with self.lock:
+        with self.lock, capture_features(self.learn.model) as feats:
             x = dl.one_batch()[0]
             if not self.cam:
-                with torch.no_grad(): return x, None, torch.softmax(self.learn.model(x).float() / t, 1).cpu().numpy()
+                with torch.no_grad(): probs = torch.softmax(self.learn.model(x).float() / t, 1).cpu().numpy()
+                return x, None, probs, feats[0]
             cams, probs = grad_cam(self.learn.model, x)
         if t != 1.:  # softmax(z / t) from softmax(z): log softmax(z) is z less a constant
             with np.errstate(divide='ignore'): lp = np.log(np.asarray(probs, dtype=np.float64)) / t
             probs = np.exp(lp - lp.max(1, keepdims=True)); probs /= probs.sum(1, keepdims=True)
-        return x, cams, probs
+        return x, cams, probs, feats[0]
 
     def predict_image(self, img:Image.Image, # a decoded X-ray (`read_cxr`)
                       name:str='upload', # the name to report
                      )->dict:
         "Class probabilities (and a Grad-CAM PNG, base64) for one decoded X-ray; a `ModelError` if they are not finite."
-        x, cams, probs = self._model_thread.submit(self._infer, img).result()
+        why = image_checks(img)
+        if why: return self.not_classified(name, f'not classified: {why}')
+        x, cams, probs, feats = self._model_thread.submit(self._infer, img).result()
+        if self.guard is not None and (why := self.guard.check(feats)[0]): return self.not_classified(name, why)
         p = np.asarray(probs[0], dtype=float)
         if not np.isfinite(p).all():
             raise ModelError(f"{name}: the model gave probabilities that are not numbers ({', '.join(f'{c} {v}' for c, v in zip(self.vocab, p))}); "
                              "its weights or the mean/std in its config.json are broken")
-        out = dict(file=name, predicted=self.vocab[int(p.argmax())], probabilities={c: float(v) for c, v in zip(self.vocab, p)},
+        out = dict(file=name, classified=True, predicted=self.vocab[int(p.argmax())], probabilities={c: float(v) for c, v in zip(self.vocab, p)},
                    cam_png=None, notice=NOT_A_DEVICE)
         if self.cam:
             mean, std = (float(np.mean(s)) for s in self.learn.norm_stats)
             img = x[0].float().mean(0).cpu().numpy() * std + mean
             out['cam_png'] = base64.b64encode(cam_overlay_png(img, cams[0])).decode()
         return out
+
+    def not_classified(self, name:str, reason:str)->dict:
+        "The answer for an image that does not look like a frontal chest X-ray: the reason, and no class probabilities."
+        return dict(file=name, classified=False, reason=reason, predicted=None, probabilities=None, cam_png=None, notice=NOT_A_DEVICE)
 
     def predict_file(self, path, # an image file `read_cxr` can read
                      name:str|None=None, # the name to report (default: the file's)
@@ -263,6 +273,11 @@ document.getElementById('file').addEventListener('change', async ev => {{
     const j = await r.json();
     if (!r.ok) {{ out.textContent = ''; err.textContent = j.error; return; }}
     out.textContent = '';
+    if (j.classified === false) {{
+      const h = document.createElement('h3'); h.textContent = j.file + ': not classified'; out.appendChild(h);
+      const p = document.createElement('p'); p.className = 'note'; p.textContent = j.reason + '. No class probabilities are given for it.';
+      out.appendChild(p); return;
+    }}
     const h = document.createElement('h3'); h.textContent = j.file + ': ' + j.predicted; out.appendChild(h);
     const t = document.createElement('table');
     for (const [c, p] of Object.entries(j.probabilities)) {{

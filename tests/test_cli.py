@@ -75,7 +75,7 @@ def test_predict(tmp_path, shared, model_dir):
     r = cli('predict', '--model', model_dir, d, *real[2:], '--out', tmp_path/'p.csv')
     assert r.returncode == 0, r.stderr
     p = pd.read_csv(tmp_path/'p.csv', keep_default_na=False)
-    assert len(p) == 5 and list(p.columns) == ['file', 'predicted', 'prob_covid', 'prob_pneumonia', 'error']
+    assert len(p) == 5 and list(p.columns) == ['file', 'predicted', 'prob_covid', 'prob_pneumonia', 'error', 'not_classified']
     bad = p[p.file.str.endswith('corrupt.png')]
     assert len(bad) == 1 and bad.error.iloc[0] and bad.predicted.iloc[0] == ''
     good = p[p.error == '']

@@ -19,9 +19,12 @@ def run_dir(tmp_path_factory):
     df = patient_split(covid_vs_pneumonia_146(load_dataset())[0], seed=42)
     learn = build_learner(cxr_dls(df, size=64, bs=16), 'efficientnet_lite0')
     fine_tune_cxr(learn, epochs=1, lr=2e-3, freeze_epochs=0)
+    from covidcxr.run import split_id, SPLIT_DESCRIPTION
     run = tmp_path_factory.mktemp('runs')/'run146'
-    save_model(learn, run/'model')
+    sid = split_id(df)   # a run folder's model and metrics must come from one split (load_model checks)
+    save_model(learn, run/'model', extra={'split_id': sid})
     df[['file', 'patient_id', 'label', 'split']].to_csv(run/'splits.csv', index=False)
+    (run/'metrics.json').write_text(json.dumps({'split': {'split_id': sid, 'method': SPLIT_DESCRIPTION}}))
     return run
 
 
