@@ -16,8 +16,8 @@ from .audit import duplicate_groups, recipe_split
 _all_ = ['recipe_split']   # part of this module's API too: `from covidcxr.presets import *` gives the one split
 
 # %% auto #0
-__all__ = ['AUG', 'PRESETS', 'TrainPreset', 'get_preset', 'preset_learner', 'train_preset', 'cv_pool', 'cv_preset', 'cv_search',
-           'search_summary', 'pick_one_se', 'recipe_split']
+__all__ = ['AUG', 'PRESETS', 'TrainPreset', 'get_preset', 'preset_learner', 'fit_preset', 'train_preset', 'cv_pool', 'cv_preset',
+           'cv_search', 'search_summary', 'pick_one_se', 'recipe_split']
 
 # %% ../nbs/15_presets.ipynb #5ab95898
 AUG = {'none': None, 'default': {}, 'strong': dict(max_rotate=12., max_zoom=1.25, max_lighting=0.4, min_scale=0.6)}
@@ -82,8 +82,10 @@ def preset_learner(df:pd.DataFrame, # table with `split` in {'train', 'valid'} (
     if preset.aug not in AUG: raise ValueError(f"aug must be one of {list(AUG)}; got {preset.aug!r}")
     dls = cxr_dls(df, size=preset.size, bs=preset.bs, seed=seed, intensity=preset.intensity,
                   augment=AUG[preset.aug] is not None, aug_kwargs=AUG[preset.aug])
-    kw = dict(class_weights=list(preset.class_weights) if preset.class_weights else None,
-              loss_func=LabelSmoothingCrossEntropyFlat(eps=preset.label_smoothing) if preset.label_smoothing else None)
+    cw = list(preset.class_weights) if preset.class_weights else None
+    ls = LabelSmoothingCrossEntropyFlat(weight=tensor(cw).float().to(dls.device) if cw else None, eps=preset.label_smoothing) \
+         if preset.label_smoothing else None   # class weights kept when smoothing the labels
+    kw = dict(class_weights=cw, loss_func=ls)
     try: return build_learner(dls, preset.arch, pretrained=pretrained, weights=weights, **kw), None
     except WeightsUnavailableError as e:
         fb = preset.fallback_arch
@@ -93,6 +95,17 @@ def preset_learner(df:pd.DataFrame, # table with `split` in {'train', 'valid'} (
         return build_learner(dls, fb, pretrained=pretrained, **kw), why
 
 # %% ../nbs/15_presets.ipynb #7cc3bfab
+def fit_preset(learn:Learner, # a learner from `preset_learner`
+               preset:TrainPreset, # how to train
+               lr=None, # the base rate to use (default: the preset's, a number or an LR-finder suggestion)
+              )->float:
+    "Fine-tune `learn` as `preset` says (MixUp, if any, for the training only); returns the base rate used (`learn.lr_used`)."
+    mix = [MixUp(preset.mixup)] if preset.mixup else []
+    learn.add_cbs(mix)
+    try: learn.lr_used = fine_tune_cxr(learn, epochs=preset.epochs, lr=ifnone(lr, preset.lr), freeze_epochs=preset.freeze_epochs)
+    finally: learn.remove_cbs(mix)
+    return learn.lr_used
+
 def train_preset(df:pd.DataFrame, # table with `split` in {'train', 'valid'}
                  preset:TrainPreset, # how to train
                  seed:int=42, # seeds the DataLoaders and the head
@@ -101,10 +114,7 @@ def train_preset(df:pd.DataFrame, # table with `split` in {'train', 'valid'}
                 )->Learner:
     "Build and fine-tune a learner as `preset` says; the learner records `lr_used` and `fallback_reason`."
     learn, why = preset_learner(df, preset, seed=seed, log=log, **kwargs)
-    mix = [MixUp(preset.mixup)] if preset.mixup else []
-    learn.add_cbs(mix)
-    try: learn.lr_used = fine_tune_cxr(learn, epochs=preset.epochs, lr=preset.lr, freeze_epochs=preset.freeze_epochs)
-    finally: learn.remove_cbs(mix)
+    fit_preset(learn, preset)
     learn.fallback_reason = why
     return learn
 

@@ -176,7 +176,7 @@ def _train_run(out, final, recipe, preset, arch, epochs, freeze_epochs, size, bs
     hist = LossHistory()
     learn.add_cb(hist)
     t_train = time.time()
-    fine_tune_cxr(learn, epochs=p.epochs, lr=lr_used, freeze_epochs=p.freeze_epochs)
+    fit_preset(learn, p, lr=lr_used)   # the preset's MixUp too, if it has one
     t_train = time.time() - t_train
     learn.remove_cb(hist)
     figs['losses'] = ('Training and validation loss', hist.plot(f'{learn.arch}: {p.freeze_epochs} frozen + {p.epochs} unfrozen epochs'))
