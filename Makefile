@@ -10,6 +10,7 @@ SHARED_DATA := $(abspath ../shared/data/cxr)
 COVIDCXR_DATA ?= $(if $(wildcard $(SHARED_DATA)/metadata.csv),$(SHARED_DATA),)
 export COVIDCXR_DATA
 # Main job: the recipe trains with its own preset (covidcxr.presets, chosen by patient-grouped cross-validation).
+# A rerun replaces runs/146 whole, once the new run is complete (never a mix of two runs).
 # Override on the command line, e.g. `make run RECIPE=covid_vs_normal_392 OUT=runs/392 TRAIN_ARGS="--cv 5"`.
 RECIPE ?= covid_vs_pneumonia_146
 OUT ?= runs/146
@@ -26,7 +27,7 @@ $(VENV)/.installed: settings.ini setup.py
 	touch $@
 
 run: install
-	$(BIN)/covidcxr train --recipe $(RECIPE) --out $(OUT) $(TRAIN_ARGS)
+	$(BIN)/covidcxr train --recipe $(RECIPE) --out $(OUT) --overwrite $(TRAIN_ARGS)
 
 test: install check nbtest pytest
 
