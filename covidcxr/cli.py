@@ -363,6 +363,9 @@ def cmd_train(a)->int:
     _data_root(a.data)
     try: from covidcxr.run import train_run
     except ImportError as e: raise CLIError(f'covidcxr.run is not available in this installation ({e})')
+    import signal
+    def _term(signum, frame): raise KeyboardInterrupt('SIGTERM')   # so the partial run folder is removed, as on Ctrl-C
+    signal.signal(signal.SIGTERM, _term)
     m = train_run(recipe=a.recipe, preset=a.preset, arch=a.arch, epochs=a.epochs, freeze_epochs=a.freeze_epochs, size=a.size,
                   bs=a.bs, lr=a.lr, intensity=a.intensity, fallback_arch=a.fallback_arch, seed=a.seed, pretrained=a.pretrained,
                   weights=a.weights, out=a.out, overwrite=a.overwrite, data=a.data, cv=a.cv, calibrate_probs=a.calibrate)

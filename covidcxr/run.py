@@ -91,6 +91,11 @@ def attention_table(att:dict)->pd.DataFrame:
     return pd.DataFrame([(k, _ci(v)) for k, v in rows], columns=['check', 'value (95% CI, patient bootstrap)'])
 
 # %% ../nbs/10_run.ipynb #7553c84b
+def _alive(pid:int)->bool:
+    try: os.kill(pid, 0); return True
+    except ProcessLookupError: return False
+    except PermissionError: return True
+
 @contextmanager
 def run_folder(out, # the run folder to create
                overwrite:bool=False, # replace an existing folder (only once the new one is complete)
@@ -101,7 +106,10 @@ def run_folder(out, # the run folder to create
         raise FileExistsError(f"{out}: a run folder already exists; choose another --out, or pass --overwrite to replace it")
     if out.exists() and not out.is_dir(): raise FileExistsError(f"{out}: exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
+    for stale in out.parent.glob(f'.{out.name}.partial-*'):   # left by a run killed outright (SIGKILL, power loss)
+        pid = stale.name.split('-')[-2] if stale.name.count('-') >= 2 else ''
+        if pid.isdigit() and not _alive(int(pid)): shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-{os.getpid()}-', dir=out.parent))
     try:
         yield work
         old = None

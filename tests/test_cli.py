@@ -145,11 +145,11 @@ def test_train_run_folder_is_atomic(tmp_path, shared):
     assert _tree_hashes(out) == old
     cmd = [str(EXE)] if EXE.exists() else [sys.executable, '-m', 'covidcxr.cli']
     outcomes = set()
-    for delay in (1, 4, 8, 14):   # seconds after start: while loading, splitting, training, writing
+    for delay, sig in ((1, signal.SIGINT), (4, signal.SIGTERM), (8, signal.SIGINT), (14, signal.SIGTERM)):   # while loading, splitting, training, writing
         p = subprocess.Popen(cmd + ['train', *quick, '--seed', '7', '--overwrite', '--out', str(out)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try: p.wait(timeout=delay)
-        except subprocess.TimeoutExpired: p.send_signal(signal.SIGINT)
+        except subprocess.TimeoutExpired: p.send_signal(sig)
         p.wait(timeout=120)
         now = _tree_hashes(out)
         if now == old: outcomes.add('old')
