@@ -49,7 +49,10 @@ def learner_features(learn:Learner, # a trained learner
                      dl, # a DataLoader of `learn` (e.g. `learn.dls.train.new(shuffle=False, drop_last=False)`)
                     )->tuple:
     "`(features (n, d), probabilities (n, C))` from one pass over `dl`."
-    with capture_features(learn.model) as feats, learn.no_bar(): probs, _ = learn.get_preds(dl=dl)
+    metrics, learn.metrics = learn.metrics, []   # features only: the learner's own metrics can fail on a subset of its classes
+    try:
+        with capture_features(learn.model) as feats, learn.no_bar(): probs, _ = learn.get_preds(dl=dl)
+    finally: learn.metrics = metrics
     return np.concatenate(feats), probs.float().numpy()
 
 # %% ../nbs/17_guard.ipynb #5bbc0139

@@ -6,14 +6,16 @@
 from __future__ import annotations
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 import matplotlib.pyplot as plt
+from contextlib import contextmanager
 from fastai.vision.all import ClassificationInterpretation, Learner, Normalize
 from fastcore.all import *
 from .core import *
 from .evaluate import CXRMetrics, predict_split
 
 # %% auto #0
-__all__ = ['OUTCOMES', 'cam_layer', 'grad_cam', 'learner_inputs', 'show_cam', 'cxr_interpretation', 'top_losses_table',
-           'most_confused_table', 'top_losses_gallery', 'outcome_indices', 'outcome_gallery', 'outcome_galleries']
+__all__ = ['OUTCOMES', 'cam_layer', 'grad_cam', 'learner_inputs', 'show_cam', 'without_metrics', 'cxr_interpretation',
+           'top_losses_table', 'most_confused_table', 'top_losses_gallery', 'outcome_indices', 'outcome_gallery',
+           'outcome_galleries']
 
 # %% ../nbs/07_interpret.ipynb #b1365d2e
 def cam_layer(model:nn.Module, # a fastai vision model, `nn.Sequential(body, head)`, or any CNN
@@ -100,6 +102,13 @@ def show_cam(img:np.ndarray, # (H, W) image in [0, 1]
     return ax
 
 # %% ../nbs/07_interpret.ipynb #855a7868
+@contextmanager
+def without_metrics(learn:Learner):
+    "Predict without the learner's own metrics: on a few rows (top losses, one class) an AUC metric would fail."
+    metrics, learn.metrics = learn.metrics, []
+    try: yield learn
+    finally: learn.metrics = metrics
+
 def cxr_interpretation(learn:Learner, # a fastai Learner
                        df:pd.DataFrame, # dataset table with `path`, `label`, `split`
                        split:str|None='test', # which split (None: every row)
@@ -107,12 +116,13 @@ def cxr_interpretation(learn:Learner, # a fastai Learner
     "fastai's `ClassificationInterpretation` over the rows of one split (losses per image, confusion matrix)."
     rows = (df if split is None else df[df.split == split]).reset_index(drop=True)
     if not len(rows): raise ValueError(f"no rows in split {split!r}")
-    with learn.no_bar(): return ClassificationInterpretation.from_learner(learn, dl=learn.dls.test_dl(rows, with_labels=True, bs=32))
+    with without_metrics(learn), learn.no_bar():
+        return ClassificationInterpretation.from_learner(learn, dl=learn.dls.test_dl(rows, with_labels=True, bs=32))
 
 def top_losses_table(interp:ClassificationInterpretation, k:int=9)->pd.DataFrame:
     "The `k` images with the highest loss: file, actual, predicted, probability of the prediction, loss."
     losses, idx, items = interp.top_losses(k, items=True)
-    with interp.learn.no_bar(): _, preds, targs, _, _ = interp[idx]
+    with without_metrics(interp.learn), interp.learn.no_bar(): _, preds, targs, _, _ = interp[idx]
     vocab = list(interp.vocab)
     return pd.DataFrame(dict(file=items['file'].values if 'file' in items else items['path'].values,
                              patient_id=items['patient_id'].values if 'patient_id' in items else None,
@@ -121,7 +131,7 @@ def top_losses_table(interp:ClassificationInterpretation, k:int=9)->pd.DataFrame
 
 def most_confused_table(interp:ClassificationInterpretation, min_val:int=1)->pd.DataFrame:
     "fastai's `most_confused` as a table: actual, predicted, images."
-    with interp.learn.no_bar(): mc = interp.most_confused(min_val)
+    with without_metrics(interp.learn), interp.learn.no_bar(): mc = interp.most_confused(min_val)
     return pd.DataFrame(mc, columns=['actual', 'predicted', 'images'])
 
 # %% ../nbs/07_interpret.ipynb #f7f64b7a
@@ -137,7 +147,7 @@ def top_losses_gallery(learn:Learner, # the learner
     x, y, imgs = learner_inputs(learn, items)
     cams, probs = grad_cam(learn.model, x, layer=layer, method=cam) if cam else (None, None)
     if probs is None:
-        with learn.no_bar(): _, probs, *_ = interp[idx]
+        with without_metrics(learn), learn.no_bar(): _, probs, *_ = interp[idx]
         probs = probs.numpy()
     vocab, n = list(learn.dls.vocab), len(items)
     nrows = max(1, -(-n // ncols))

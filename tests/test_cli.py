@@ -171,3 +171,12 @@ def test_audit_and_train_use_the_same_split(tmp_path, shared):
         audited = pd.read_csv(out/'splits.csv').set_index('file').split
         trained = recipe_split(shared, r)[0].set_index('file').split   # what train_run writes to splits.csv (10_run checks that)
         assert audited.sort_index().to_dict() == trained.sort_index().to_dict(), r
+
+def test_train_three_class_end_to_end(tmp_path, shared):
+    "The three-class recipe trains, evaluates, checks the lungs (COVID films only: one class) and writes its report without error."
+    out = tmp_path/'run3c'
+    r = cli('train', '--recipe', 'three_class', '--size', '64', '--freeze-epochs', '0', '--epochs', '1', '--out', out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out/'metrics.json').read_text())
+    assert m['test']['classes'] == ['covid', 'normal', 'pneumonia'] and (out/'report.html').is_file()
+    assert m['attention']['cam_in_lungs']['labels'] == {'covid': m['attention']['cam_in_lungs']['n_images']}
