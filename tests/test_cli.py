@@ -104,9 +104,10 @@ def test_serve(model_dir, shared):
         req = urllib.request.Request(url + 'predict?name=notes.png', data=b'not an image', method='POST')
         with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(req, timeout=30)
         assert e.value.code == 400 and json.loads(e.value.read())['error'].startswith('notes.png: ')
+        e.value.close()   # the client hangs up: the server's worker is free at once, not at its 30 s deadline
     finally:
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
+        out, err = p.communicate(timeout=90)   # a worker still holding a connection may wait for its deadline (30 s)
     assert p.returncode == 0 and 'stopped' in out, (p.returncode, out, err)
     r = cli('serve', '--model', model_dir.parent/'nope')
     assert r.returncode == 2 and 'not a covidcxr model or run folder' in r.stderr
