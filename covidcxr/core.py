@@ -11,7 +11,7 @@ from fastcore.all import *
 
 # %% auto #0
 __all__ = ['ENV_DATA', 'cache_dir', 'DataNotFoundError', 'data_root', 'seed_everything', 'default_device', 'num_workers',
-           'is_interactive']
+           'is_interactive', 'fmt_ci']
 
 # %% ../nbs/00_core.ipynb #c7cc6c91
 ENV_DATA = 'COVIDCXR_DATA'
@@ -69,3 +69,15 @@ def is_interactive()->bool:
         if get_ipython() is not None and 'IPKernelApp' in get_ipython().config: return True
     except Exception: pass
     return sys.stdout.isatty() and not os.environ.get('CI')
+
+# %% ../nbs/00_core.ipynb #ede1aa85
+def fmt_ci(m:dict|None, # `{'value', 'ci_low', 'ci_high'}` (bounds may be missing or None)
+           digits:int=3, # decimals
+           label:str='95% CI ', # written before the bounds
+          )->str:
+    "A metric dict as '0.812 (95% CI 0.700-0.900)'; 'undefined' when there is no finite value."
+    ok = lambda v: v is not None and np.isfinite(float(v))
+    if not m or not ok(m.get('value')): return 'undefined'
+    s = f"{float(m['value']):.{digits}f}"
+    lo, hi = m.get('ci_low'), m.get('ci_high')
+    return s + (f" ({label}{float(lo):.{digits}f}-{float(hi):.{digits}f})" if ok(lo) and ok(hi) else ' (no CI)')
