@@ -13,8 +13,8 @@ import covidcxr.core as core  # `core.num_workers`: `num_workers` is also a para
 # %% auto #0
 __all__ = ['REQUIRED_COLS', 'OPTIONAL_COLS', 'FRONTAL', 'RECIPES', 'INTENSITY', 'DatasetError', 'load_dataset', 'select_balanced',
            'recipe_report', 'covid_vs_pneumonia_146', 'covid_vs_normal_392', 'three_class', 'get_recipe',
-           'patient_split', 'split_summary', 'IntensityNorm', 'cxr_aug_transforms', 'cxr_image_cls', 'cxr_dblock',
-           'cxr_dls']
+           'patient_split', 'split_summary', 'IntensityNorm', 'BorderCrop', 'cxr_aug_transforms', 'cxr_image_cls',
+           'cxr_dblock', 'cxr_dls']
 
 # %% ../nbs/01_data.ipynb #2b2fa546
 REQUIRED_COLS = ('file', 'label', 'patient_id')
@@ -174,6 +174,18 @@ class IntensityNorm(Transform):
             out = Image.fromarray((equalize_adapthist(np.asarray(img), clip_limit=self.clip_limit) * 255).round().astype(np.uint8))
         return type(x)(out)
 
+# %% ../nbs/01_data.ipynb #8d34f94c
+class BorderCrop(Transform):
+    "Cut `frac` of the width and height from each side of an X-ray, before resizing (borders hold markers and text)."
+    order = 0
+    def __init__(self, frac:float=0.1, # share of each side cut away (0 <= frac < 0.5)
+                ):
+        if not 0 <= frac < 0.5: raise ValueError(f"border crop must be in [0, 0.5); got {frac!r}")
+        self.frac = frac
+    def encodes(self, x:PILImage):
+        w, h = x.size; dx, dy = int(round(w * self.frac)), int(round(h * self.frac))
+        return x.crop((dx, dy, w - dx, h - dy)) if self.frac else x
+
 # %% ../nbs/01_data.ipynb #47895995
 def cxr_aug_transforms(size:int=224, # final image size
                        flip:bool=False, # horizontal flips: off by default for chest X-rays
@@ -203,6 +215,7 @@ def cxr_dblock(vocab=None, # class names (default: sorted labels)
                splitter=None, # fastai splitter (default: the `split` column, 'valid' is validation)
                img_cls=None, # image type (default: `cxr_image_cls()`)
                intensity:str|None=None, # intensity normalisation before resizing: None, 'histeq' or 'clahe' (`IntensityNorm`)
+               border:float=0., # share of each side cut away before resizing (`BorderCrop`)
               )->DataBlock:
     "A DataBlock over a dataset table: grayscale images from `path`, labels from `label`."
     presize = presize or int(round(size * 1.15))
@@ -210,7 +223,7 @@ def cxr_dblock(vocab=None, # class names (default: sorted labels)
     return DataBlock(blocks=(ImageBlock(cls=img_cls or cxr_image_cls()), CategoryBlock(vocab=vocab)),
                      get_x=ColReader('path'), get_y=ColReader('label'),
                      splitter=splitter or ColSplitter('split', on='valid'),
-                     item_tfms=[IntensityNorm(intensity), item] if intensity else item, batch_tfms=cxr_aug_transforms(size, flip=flip, **(aug_kwargs or {})) if augment else None)
+                     item_tfms=([BorderCrop(border)] if border else []) + ([IntensityNorm(intensity)] if intensity else []) + [item], batch_tfms=cxr_aug_transforms(size, flip=flip, **(aug_kwargs or {})) if augment else None)
 
 # %% ../nbs/01_data.ipynb #29c8b258
 def cxr_dls(df:pd.DataFrame, # table with `path`, `label` and `split` (from `patient_split`)
@@ -231,5 +244,5 @@ def cxr_dls(df:pd.DataFrame, # table with `path`, `label` and `split` (from `pat
         tv, bs=bs, seed=seed, num_workers=ifnone(num_workers, core.num_workers()),
         device=ifnone(device, default_device()))
     dls.cxr_size, dls.cxr_presize = size, kwargs.get('presize') or int(round(size * 1.15))
-    dls.cxr_intensity = kwargs.get('intensity')
+    dls.cxr_intensity, dls.cxr_border = kwargs.get('intensity'), kwargs.get('border') or 0.
     return dls

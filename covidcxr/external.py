@@ -13,13 +13,13 @@ from .core import *
 from .data import DatasetError, load_dataset, cxr_image_cls
 from .evaluate import CXRMetrics, evaluate, bootstrap_ci, choose_threshold, threshold_metrics, predict_split
 from .interpret import learner_inputs, grad_cam, show_cam
-from .audit import load_splits
+from .audit import load_splits, cam_in_lungs
 from .report import write_report, source_confounding, trust_lines
 
 # %% auto #0
 __all__ = ['parse_data_spec', 'dataset_rows', 'usable_rows', 'run_splits', 'validation_threshold', 'ci_text', 'called_shares',
-           'source_rows', 'ExternalResult', 'external_caveats', 'negative_rows', 'evaluate_external', 'misses_gallery',
-           'external_report']
+           'source_rows', 'ExternalResult', 'external_caveats', 'negative_rows', 'evaluate_external',
+           'fold_shortcut_figures', 'misses_gallery', 'external_report']
 
 # %% ../nbs/16_external.ipynb #bd766ecd
 def parse_data_spec(spec, # 'DIR' or 'DIR:SPLIT' (SPLIT: a split of the run's splits.csv)
@@ -347,6 +347,34 @@ def evaluate_external(run, # a run folder (`covidcxr train --out`): model/ and s
     seen = pd.read_csv(sp, dtype=str).patient_id if sp is not None else ()
     return ExternalResult(m, excluded, thr, why, at, ext_at, per_source, called, own,
                           external_caveats(rows, vocab, negatives, why, excluded, seen), run, data, negatives, learn)
+
+# %% ../nbs/16_external.ipynb #ed2af0e3
+def fold_shortcut_figures(learn, # the fold's model
+                          rows:pd.DataFrame, # the held-out fold's rows (with `source`; `mask` where there is one)
+                          probs, targets, # the model's predictions for `rows`
+                          externals:dict|None=None, # name -> rows of an external set (labels the model knows)
+                          pos:str='covid', # the positive class
+                          target_sensitivity:float=0.95, # the threshold reaches this sensitivity on `rows`
+                          cam:bool=True, # Grad-CAM inside the lungs, where `rows` have masks
+                         )->dict:
+    "Flat per-fold figures: the fold's threshold, per-source specificity, external sensitivity/specificity, Grad-CAM in lungs."
+    vocab = list(learn.dls.vocab); c = vocab.index(pos)
+    thr = choose_threshold(probs, targets, vocab, pos, target_sensitivity)
+    out = {'threshold': thr}
+    neg = targets != c
+    for src in sorted(rows.source[neg].unique()):
+        m = neg & (rows.source == src).values
+        out[f'spec_{src}'] = float((probs[m, c] < thr).mean())
+    for name, ext in (externals or {}).items():
+        p, t, r, _ = predict_split(learn, ext, split=None)
+        y = t == c
+        if y.any(): out[f'{name}_sensitivity'] = float((p[y, c] >= thr).mean())
+        if (~y).any(): out[f'{name}_specificity'] = float((p[~y, c] < thr).mean())
+        out[f'{name}_called_{pos}'] = float((p.argmax(1) == c).mean())
+    if cam and 'mask' in rows and rows['mask'].notna().any():
+        res = cam_in_lungs(learn, rows, n_boot=1)
+        out.update(cam_in_lungs=res['cam_in_lungs']['value'], lung_area=res['lung_area']['value'], cam_images=res['n_images'])
+    return out
 
 # %% ../nbs/16_external.ipynb #7b68f5ff
 def misses_gallery(res:ExternalResult, # from `evaluate_external`

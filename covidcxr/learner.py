@@ -332,7 +332,8 @@ def save_model(learn:Learner, # a trained learner
     save_file(sd, str(path/'model.safetensors'))
     cfg = dict(arch=learn.arch, vocab=list(learn.dls.vocab), n_in=learn.n_in,
                size=ifnone(size, getattr(learn.dls, 'cxr_size', None)), presize=getattr(learn.dls, 'cxr_presize', None),
-               intensity=getattr(learn.dls, 'cxr_intensity', None), temperature=getattr(learn, 'temperature', None),
+               intensity=getattr(learn.dls, 'cxr_intensity', None),
+               border=getattr(learn.dls, 'cxr_border', 0.), temperature=getattr(learn, 'temperature', None),
                mean=learn.norm_stats[0], std=learn.norm_stats[1], weights_source=learn.weights_source,
                model_kwargs=getattr(learn, 'model_kwargs', {}), covidcxr_version=_version(), **(extra or {}))
     (path/'config.json').write_text(json.dumps(cfg, indent=2))
@@ -348,7 +349,8 @@ def _placeholder_dls(cfg):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d)/'blank.png'; PILImage.create(np.zeros((8, 8), dtype=np.uint8)).save(p)
         t = pd.DataFrame({'path': [str(p)]*2, 'label': cfg['vocab'][:1]*2, 'split': ['train', 'valid']})
-        dls = cxr_dblock(vocab=cfg['vocab'], size=cfg['size'], presize=cfg.get('presize'), intensity=cfg.get('intensity')
+        dls = cxr_dblock(vocab=cfg['vocab'], size=cfg['size'], presize=cfg.get('presize'), intensity=cfg.get('intensity'),
+                         border=cfg.get('border') or 0.
                         ).dataloaders(t, bs=1, num_workers=0, device=default_device())
         return dls.new_empty()
 
@@ -377,6 +379,7 @@ def load_model(path, # folder written by `save_model`
     if run is not None: check_run_folder(run, cfg)
     if dls is None: dls = _placeholder_dls(cfg)
     dls.cxr_size, dls.cxr_presize, dls.cxr_intensity = cfg['size'], cfg.get('presize'), cfg.get('intensity')
+    dls.cxr_border = cfg.get('border') or 0.
     if list(dls.vocab) != cfg['vocab']: raise ValueError(f"{path}: the model's classes {cfg['vocab']} differ from the data's {list(dls.vocab)}")
     if not dls.after_batch.fs.filter(risinstance(Normalize)):
         dls.add_tfms([Normalize.from_stats(cfg['mean'], cfg['std'])], 'after_batch')

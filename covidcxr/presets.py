@@ -4,10 +4,11 @@
 
 # %% ../nbs/15_presets.ipynb #870bb1f6
 from __future__ import annotations
-import json, os, time
+import functools, json, os, time
 from dataclasses import dataclass, asdict, replace, fields
 from fastai.vision.all import *
 from scipy import stats
+import timm, torchvision
 from .core import *
 from .data import *
 from .learner import *
@@ -17,7 +18,7 @@ _all_ = ['recipe_split']   # part of this module's API too: `from covidcxr.prese
 
 # %% auto #0
 __all__ = ['AUG', 'PRESETS', 'TrainPreset', 'get_preset', 'preset_learner', 'fit_preset', 'train_preset', 'cv_pool', 'cv_preset',
-           'cv_search', 'search_summary', 'pick_one_se', 'recipe_split']
+           'cv_search', 'arch_cost', 'search_summary', 'pick_one_se', 'recipe_split']
 
 # %% ../nbs/15_presets.ipynb #5ab95898
 AUG = {'none': None, 'default': {}, 'strong': dict(max_rotate=12., max_zoom=1.25, max_lighting=0.4, min_scale=0.6)}
@@ -34,6 +35,7 @@ class TrainPreset:
     epochs:int=12 # epochs with the whole network unfrozen
     lr:float|str=2e-3 # base learning rate, or an LR-finder suggestion ('valley', 'minimum', 'steep')
     intensity:str|None=None # intensity normalisation (`IntensityNorm`): None, 'histeq' or 'clahe'
+    border:float=0. # share of each side cut away before resizing (`BorderCrop`: markers and text live there)
     label_smoothing:float=0. # label-smoothing cross-entropy when > 0
     aug:str='default' # augmentation strength: 'default', 'strong' or 'none' (`AUG`)
     mixup:float=0. # MixUp's alpha when > 0 (fastai's `MixUp` callback, training only)
@@ -89,7 +91,7 @@ def preset_learner(df:pd.DataFrame, # table with `split` in {'train', 'valid'} (
     "`(learner, fallback_reason or None)` for `preset` on `df`'s train / valid rows."
     seed_everything(seed)
     if preset.aug not in AUG: raise ValueError(f"aug must be one of {list(AUG)}; got {preset.aug!r}")
-    dls = cxr_dls(df, size=preset.size, bs=preset.bs, seed=seed, intensity=preset.intensity,
+    dls = cxr_dls(df, size=preset.size, bs=preset.bs, seed=seed, intensity=preset.intensity, border=preset.border,
                   augment=AUG[preset.aug] is not None, aug_kwargs=AUG[preset.aug])
     cw = list(preset.class_weights) if preset.class_weights else None
     ls = LabelSmoothingCrossEntropyFlat(weight=tensor(cw).float().to(dls.device) if cw else None, eps=preset.label_smoothing) \
@@ -159,6 +161,7 @@ def cv_search(pool:pd.DataFrame, # train + valid rows of a recipe (`cv_pool`), w
               probs=None, # CSV of out-of-fold probabilities per image (appended), or None
               k:int=5, # folds
               seed:int=42, # folds and training seed
+              extra=None, # function(learn, rows, probs, targets) -> dict of more per-fold figures (e.g. `fold_shortcut_figures`)
               log=print,
              )->pd.DataFrame:
     "Cross-validate every setting by patient, fold by fold, resuming from `results`; returns the results table."
@@ -179,7 +182,8 @@ def cv_search(pool:pd.DataFrame, # train + valid rows of a recipe (`cv_pool`), w
                 arch=learn.arch, fold=i, k=k, seed=seed, n_images=len(rows), n_patients=rows.patient_id.nunique(), lr=learn.lr_used,
                 accuracy=m['accuracy']['value'], macro_auc=m['macro_auc']['value'], ece=m['ece']['value'],
                 nll=float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1)).mean()),
-                train_seconds=round(secs, 1), load1=round(load, 2), threads=torch.get_num_threads())])
+                train_seconds=round(secs, 1), load1=round(load, 2), threads=torch.get_num_threads(),
+                **(extra(learn, rows, p, y) if extra else {}))])
             if probs is not None:
                 _append_csv(probs, [dict(recipe=recipe, setting=name, fold=i, file=f, patient_id=pid, label=l,
                                          **{f'p_{c}': round(float(v), 5) for c, v in zip(learn.dls.vocab, pr)})
@@ -187,12 +191,26 @@ def cv_search(pool:pd.DataFrame, # train + valid rows of a recipe (`cv_pool`), w
             log(f"{recipe} {name} fold {i}/{k}: accuracy {m['accuracy']['value']:.3f}, AUC {m['macro_auc']['value']:.3f} ({secs:.0f}s)")
     return pd.read_csv(results)
 
+# %% ../nbs/15_presets.ipynb #780fc25d
+@functools.lru_cache(None)
+def arch_cost(arch:str, # a timm or torchvision architecture name
+              size:int=224, # image size
+             )->float:
+    "Forward FLOPs of `arch` on one `size` px image, relative to EfficientNet-Lite0 at 224 px (counted, not timed)."
+    from torch.utils.flop_counter import FlopCounterMode
+    def flops(a, s):
+        m = (timm.create_model(a, pretrained=False, num_classes=2) if arch_kind(a) == 'timm'
+             else getattr(torchvision.models, a)(weights=None)).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as f: m(torch.zeros(1, 3, s, s))
+        return f.get_total_flops()
+    return flops(arch, size) / flops('efficientnet_lite0', 224)
+
 # %% ../nbs/15_presets.ipynb #332770ea
 def search_summary(results:pd.DataFrame, # `cv_search`'s table
                    metrics=('macro_auc', 'accuracy'), # figures to summarise
                    level:float=0.95,
                   )->pd.DataFrame:
-    "Per (recipe, setting): folds, mean and t-interval of each metric over folds, its standard error, compute and seconds per fold."
+    "Per (recipe, setting): folds, mean and t-interval of each metric over folds, its SE, compute (`arch_cost` x epochs), seconds per fold."
     rows = []
     for (rec, name), g in results.groupby(['recipe', 'setting'], sort=False):
         r = dict(recipe=rec, setting=name, folds=len(g))
@@ -201,7 +219,7 @@ def search_summary(results:pd.DataFrame, # `cv_search`'s table
             h = stats.t.ppf((1 + level) / 2, n - 1) * se if n > 1 else np.nan
             r.update({m: v.mean(), f'{m}_ci_low': v.mean() - h, f'{m}_ci_high': v.mean() + h, f'{m}_se': se})
         s = json.loads(g.params.iloc[0])
-        r['compute'] = (s.get('freeze_epochs', 2) + s['epochs']) * (s.get('size', 224) / 224) ** 2   # epochs at 224 px
+        r['compute'] = (s.get('freeze_epochs', 2) + s['epochs']) * arch_cost(g.arch.iloc[0], s.get('size', 224))
         r['seconds_per_fold'] = g.train_seconds.mean()
         rows.append(r)
     return pd.DataFrame(rows)
@@ -209,7 +227,7 @@ def search_summary(results:pd.DataFrame, # `cv_search`'s table
 # %% ../nbs/15_presets.ipynb #b4456b36
 def pick_one_se(summary:pd.DataFrame, # `search_summary` of one recipe
                 metric:str='macro_auc', # higher is better
-                cost:str='compute', # lower is cheaper (default: epochs at 224 px, which a shared machine's clock cannot blur)
+                cost:str='compute', # lower is cheaper (default: Lite0-epochs at 224 px, which a shared machine's clock cannot blur)
                 complete:int|None=None, # only settings with this many folds (default: the most any has)
                )->pd.Series:
     "The cheapest setting whose mean `metric` is within one standard error of the best mean."
