@@ -249,7 +249,7 @@ def pip_download(spec:str, # a pinned requirement, e.g. `torchxrayvision==1.5.7`
             idx = [l for l in lines if l.startswith('Looking in indexes:')][:1]
             net = [m.group(0) for l in lines if (m := re.search(r"(?i)failed to establish a new connection: [^'\"]+|temporary failure in name "
                    r"resolution|name or service not known|network is unreachable|connection refused|read timed out", l))][-1:]
-            why = '; '.join(idx + net + [l for l in lines if l.startswith('ERROR')][:1]) or f'pip exited with {p.returncode}'
+            why = '; '.join(idx + net + [l for l in lines if l.startswith('ERROR')][:1]) or (lines or [f'pip exited with {p.returncode}'])[-1]
             raise DownloadError(f"pip could not download {spec} from the package index: {why}")
         final = dest/whl[0].name; os.replace(whl[0], final)
     return final
