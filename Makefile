@@ -17,7 +17,7 @@ OUT ?= runs/146
 TRAIN_ARGS ?=
 NB_WORKERS ?= 2
 
-.PHONY: install run test nbtest pytest check docs readme studies clean
+.PHONY: install data run test nbtest pytest check docs readme studies clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: settings.ini setup.py
@@ -26,8 +26,14 @@ $(VENV)/.installed: settings.ini setup.py
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-run: install
+run: install data
 	$(BIN)/covidcxr train --recipe $(RECIPE) --out $(OUT) --overwrite $(TRAIN_ARGS)
+
+# Data step: the dataset $COVIDCXR_DATA names, else ~/.covidcxr/data, fetched there first when it is missing (the public
+# sources at pinned commits, resumable, checked: covidcxr.fetch.ensure_data). With neither data nor network it says
+# exactly what to do and stops (exit 3).
+data: install
+	@$(BIN)/python -W ignore::FutureWarning -c 'import sys; from covidcxr.fetch import ensure_data; sys.exit(ensure_data())'
 
 test: install check nbtest pytest
 

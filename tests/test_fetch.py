@@ -90,3 +90,48 @@ def test_base_url_overrides(monkeypatch):
     assert base_url('nih') == 'http://nih-mirror' and base_url('ieee8023') == 'http://mirror'
     assert base_url('nih', {'nih': 'http://arg'}) == 'http://arg'
     assert archive_url('ieee8023', 'http://x').endswith(f"/ieee8023/covid-chestxray-dataset/archive/{SOURCES['ieee8023']['commit']}.zip")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def closed_port_url():
+    "A real address where nothing listens (connections are refused at once)."
+    import socket
+    s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()
+    return f'http://127.0.0.1:{port}'
+
+def test_make_run_data_step_without_data_or_network(tmp_path):
+    "`make run`'s data step on a machine with no dataset and no network: exit non-zero, say exactly what to do, write nothing."
+    import subprocess, sys, shutil
+    if not shutil.which('make'): pytest.skip('make is not installed')
+    dead = closed_port_url()
+    env = {k:v for k,v in os.environ.items() if not k.startswith(('PIP_', 'COVIDCXR_'))}
+    env.update(COVIDCXR_HOME=str(tmp_path/'home'), COVIDCXR_FETCH_BASE=dead, PIP_INDEX_URL=f'{dead}/simple/',
+               PIP_CONFIG_FILE=os.devnull, PIP_RETRIES='1', PIP_TIMEOUT='5', PIP_NO_CACHE_DIR='1')
+    venv = Path(sys.executable).parent.parent  # the venv running these tests (make's `install` step is not rerun)
+    r = subprocess.run(['make', '--no-print-directory', '-o', 'install', 'data', f'VENV={venv}', 'COVIDCXR_DATA='],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert 'No chest X-ray dataset found: fetching the public sources into' in r.stdout, r.stdout
+    err = r.stderr
+    assert 'covidcxr: no chest X-ray dataset, and fetching one into' in err and 'failed: pip could not download torchxrayvision==' in err, err
+    assert dead.split('//')[1] in err, err  # the address that could not be reached is named
+    for todo in ['connect this machine to the internet', 'make run COVIDCXR_DATA=DIR', 'COVIDCXR_FETCH_BASE=URL', 'COVIDCXR_TXV_WHEEL=',
+                 'covidcxr prepare --from-folders ROOT --out DIR']:
+        assert todo in err, (todo, err)
+    assert 'Error 3' in err, err  # ensure_data's exit code: data not found
+    assert not (tmp_path/'home'/'data'/'metadata.csv').exists()
+    assert not list((tmp_path/'home').rglob('*.whl'))
+
+def test_make_run_data_step_with_data(tmp_path):
+    "With a dataset (here the shared one), the data step only says where it is, and downloads nothing."
+    import subprocess, sys, shutil
+    if not shutil.which('make'): pytest.skip('make is not installed')
+    from covidcxr.core import data_root
+    env = {k:v for k,v in os.environ.items() if not k.startswith('COVIDCXR_')}
+    env.update(COVIDCXR_HOME=str(tmp_path/'home'), COVIDCXR_FETCH_BASE=closed_port_url())
+    venv = Path(sys.executable).parent.parent
+    r = subprocess.run(['make', '--no-print-directory', '-o', 'install', 'data', f'VENV={venv}', f'COVIDCXR_DATA={data_root()}'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == f'data: {data_root()}', r.stdout
+    assert not (tmp_path/'home').exists()
