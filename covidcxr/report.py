@@ -12,7 +12,7 @@ import numpy as np, pandas as pd
 import matplotlib.pyplot as plt
 from fastcore.all import *
 from .core import *
-from .evaluate import CXRMetrics, CVResult, bootstrap_ci, cross_validate, evaluate_learner, operating_point
+from .evaluate import CXRMetrics, CVResult, bootstrap_ci, evaluate_learner, operating_point
 from .interpret import cxr_interpretation, top_losses_table, most_confused_table, top_losses_gallery, outcome_galleries
 
 # %% auto #0
@@ -138,8 +138,8 @@ def plot_roc_band(res:CXRMetrics, # predictions of one split
         s, sp = op['metrics']['sensitivity']['value'], op['metrics']['specificity']['value']
         if s is not None and sp is not None: ax.plot([1 - sp], [s], 'ko', ms=5, label=f"threshold {op['threshold']:.2f} (chosen on {op['chosen_on']})")
     ax.plot([0, 1], [0, 1], ':', color='grey')
-    ax.set_xlabel('1 - specificity (false positive rate)'); ax.set_ylabel(f'sensitivity for {pos}')
-    ax.set_title(f'ROC, {res.split} split ({res.n_patients} patients)', fontsize=10); ax.legend(loc='lower right', fontsize=7)
+    ax.set_xlabel('1 - specificity (false positive rate)'); ax.set_ylabel('sensitivity (true positive rate)')
+    ax.set_title(f'ROC of {pos} vs rest, {res.split} split ({res.n_patients} patients)', fontsize=10); ax.legend(loc='lower right', fontsize=7)
     ax.set_aspect('equal'); fig.tight_layout(); return fig
 
 # %% ../nbs/08_report.ipynb #03020100

@@ -12,7 +12,6 @@ from .core import *
 from .data import *
 from .learner import *
 from .evaluate import *
-from .interpret import *
 from .report import (write_report, write_atomic, ReportFigure, default_figures, error_galleries, fmt_number, headline_line,
                              data_summary_frame, split_summary_frame, provenance_frame)
 from .audit import cam_in_lungs, masked_rescore, cam_lung_summary, masked_summary
@@ -204,7 +203,7 @@ def run_cv(sp:pd.DataFrame, # the split table: its train + valid patients are cr
     "The run's settings cross-validated by patient on its train + valid patients; one plain line per fold in the log."
     log(f"cross-validating the same settings: {k} folds by patient on the train + valid patients")
     res = cv_preset(sp, p, k=k, seed=seed, n_boot=min(n_boot, 1000), log=None)   # quiet: the lines below say it for people
-    for i, f in enumerate(res.folds): log(f"fold {i}: {headline_line(f.to_dict())}")
+    for f in res.folds: log(headline_line(f.to_dict()))   # "fold 0 held-out split (n images of n patients): ..."
     s = res.summary()
     log(f"cross-validation, mean over {k} folds (t-interval): accuracy {fmt_ci(s.get('accuracy'))}; macro AUC {fmt_ci(s.get('macro_auc'))}")
     return res
@@ -366,9 +365,9 @@ def run_summary(m:dict, # the dict `train_run` returns (the content of metrics.j
                )->str:
     "The lines a person reads after a run, each once: settings, split, valid and test figures with CIs, calibration, CV."
     r, s, lines = m.get('run', {}), m.get('split', {}), []
-    if r: lines.append(', '.join(f'{k} {fmt_number(r[k])}' for k in ('recipe', 'preset', 'arch', 'weights_source', 'size',
-                                                                      'freeze_epochs', 'epochs', 'lr') if r.get(k) is not None))
-    if r.get('fallback_reason'): lines.append(f"fell back to {r['arch']}: {r['fallback_reason']}")
+    fell = f" (instead of {r.get('arch_requested')}: no ImageNet weights for it here)" if r.get('fallback_reason') else ''
+    if r: lines.append(', '.join(f'{k} {fmt_number(r[k])}' + (fell if k == 'arch' else '') for k in ('recipe', 'preset', 'arch',
+                                 'weights_source', 'size', 'freeze_epochs', 'epochs', 'lr') if r.get(k) is not None))
     if s.get('sizes'): lines.append(f"split {s.get('method', 'by patient')}: " + ', '.join(
         f"{k} {v['images']} images / {v['patients']} patients" for k, v in s['sizes'].items()))
     lines += [headline_line(m[k]) for k in ('valid', 'test') if m.get(k)]
