@@ -441,7 +441,7 @@ def external_report(res:ExternalResult, # from `evaluate_external`
                 threshold=f"{t['threshold']:.4f} on p({t['positive_class']}), chosen on {t['where']}" if t
                           else f"none: {res.why_no_threshold}")
     p = write_report(out, m, figures=figs, galleries=gal, data_summary=ds, title=f"covidcxr external evaluation: {Path(res.run).name} on {Path(res.data).name}",
-                     model_info=info, tables=tables, notes=res.caveats, split_method=how, write_json=False, external=res.headline())
+                     model_info=info, tables=tables, notes=res.caveats, split_method=how, external=res.headline())
     d = res.to_dict()
     d['how_far_to_trust'] = trust_lines(m, how, ds, res.headline())
     d['galleries'] = list(gal)

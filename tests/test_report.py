@@ -45,6 +45,37 @@ def test_html_has_every_section_and_images_decode(report):
     body = re.sub(r'data:image/png;base64,[^"]+', '', html)
     assert not re.search(r'(src|href)="(https?:)?//', body)     # self-contained: nothing fetched
     assert 'by patient' in html and '95% CI' in html
+    for s in ('Where the images come from', 'github.com/ieee8023/covid-chestxray-dataset at ', 'CC0 (NIH Clinical Center)',
+              'ROC curve with its 95% band', 'Operating threshold'): assert s in html, s
+
+
+def test_folder_holds_the_page_and_one_metrics_json(report):
+    "write_report writes the page only; evaluate_run writes metrics.json once, whole: no temporary file is left beside them."
+    assert sorted(os.listdir(report.parent)) == ['metrics.json', 'report.html']
+
+
+def test_roc_band_is_about_covid_and_contains_the_curve(run_dir):
+    "The ROC drawn is the operating point's class (covid), its patient-bootstrap band contains the curve, and its area is the AUC."
+    import numpy as np
+    from covidcxr.learner import load_model
+    from covidcxr.data import load_dataset
+    from covidcxr.evaluate import evaluate_learner, operating_point
+    from covidcxr.report import roc_band, plot_roc_band
+    df = load_dataset().merge(pd.read_csv(run_dir/'splits.csv')[['file', 'split']], on='file')
+    learn = load_model(run_dir)
+    res = evaluate_learner(learn, df, 'test', n_boot=300)
+    operating_point(evaluate_learner(learn, df, 'valid', n_boot=10), res, 'covid', 0.95)
+    b = roc_band(res, 'covid')
+    assert (b.ci_low <= b.tpr).all() and (b.tpr <= b.ci_high).all() and (np.diff(b.tpr) >= 0).all()
+    assert abs(np.trapezoid(b.tpr, b.fpr) - res['covid/auc']['value']) < 0.03
+    assert b.ci_high.sub(b.ci_low).iloc[1:-1].max() > 0      # a real interval, not a line
+    assert plot_roc_band(res).axes[0].get_title().startswith('ROC of covid vs rest')
+
+
+def test_numbers_people_read():
+    "Learning rates as people write them, not float noise."
+    from covidcxr.report import fmt_number
+    assert [fmt_number(x) for x in (0.0020000001, 0.0005011872272007167, 3.31418, 12)] == ['2e-3', '5.01e-4', '3.31', '12']
 
 
 def test_metrics_json(report, run_dir):
