@@ -176,7 +176,9 @@ def export_onnx(model, # a run folder or model folder
     from covidcxr.guard import OODGuard
     mdir = model_folder(model)
     learn, guard = load_model(mdir), OODGuard.load(mdir)
-    pipe, net = inference_pipeline(learn), onnx_graph(learn, guard)
+    try: pipe = inference_pipeline(learn)
+    except ValueError as e: raise ValueError(f"{mdir/'config.json'}: {e}; model.onnx not written") from e
+    net = onnx_graph(learn, guard)
     outs = ['probs'] + (['ood_score'] if guard is not None else [])
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 1, pipe['presize'], pipe['presize']), dtype=np.uint8))
     f = tempfile.NamedTemporaryFile(dir=mdir, prefix='.model.onnx.', suffix='.tmp', delete=False); f.close()
@@ -197,6 +199,7 @@ def export_onnx(model, # a run folder or model folder
             m.metadata_props.add(key=k, value=v)
         onnx.checker.check_model(m)
         onnx.save(m, f.name)
+        um = os.umask(0); os.umask(um); os.chmod(f.name, 0o666 & ~um)  # a temporary file is private (0600); the model is not
         got = ort.InferenceSession(f.name, providers=['CPUExecutionProvider']).run(None, {'image': x.numpy()})
         with torch.no_grad(): want = net(x)
         want = [want] if guard is None else list(want)
