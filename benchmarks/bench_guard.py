@@ -43,7 +43,7 @@ def main(argv=None):
     from covidcxr.data import load_dataset
     from covidcxr.learner import load_model
     from covidcxr.guard import OODGuard
-    from covidcxr.cli import predict_files
+    from covidcxr.predict import predict_files
     run = Path(a.run)
     learn, guard = load_model(run), OODGuard.load(run)
     if guard is None: sys.exit(f'{run}: no guard saved with this model (train it again with this version)')

@@ -9,9 +9,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE', 'EXIT_NOT_FOUND', 'EXIT_INTERRUPTED', 'LR_RULES', 'RECIPE_NAMES', 'COMMANDS',
-           'CLIError', 'exit_code', 'error_line', 'find_images', 'predict_files', 'build_parser', 'cmd_fetch',
-           'cmd_prepare', 'metrics_summary', 'cmd_train', 'cmd_evaluate', 'cmd_predict', 'cmd_audit', 'cmd_serve',
-           'main']
+           'CLIError', 'exit_code', 'error_line', 'build_parser', 'cmd_fetch', 'cmd_prepare', 'metrics_summary',
+           'cmd_train', 'cmd_evaluate', 'cmd_predict', 'cmd_audit', 'cmd_serve', 'cmd_export', 'main']
 
 # %% ../nbs/11_cli.ipynb #110ae1de
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -37,56 +36,6 @@ def error_line(e:BaseException)->str:
     msg = ' '.join(str(msg).split()) or type(e).__name__
     if exit_code(e) == EXIT_FAILED and not isinstance(e, CLIError): msg = f'{type(e).__name__}: {msg}'
     return msg
-
-# %% ../nbs/11_cli.ipynb #f160e5fb
-def find_images(paths, # files and folders
-               )->tuple[list, list]:
-    "Expand `paths`: files as given, folders searched recursively for image files; returns `(files, ignored)`."
-    from covidcxr.dicom import IMAGE_SUFFIXES
-    files, ignored = [], []
-    for p in map(Path, paths):
-        if p.is_dir():
-            for q in sorted(x for x in p.rglob('*') if x.is_file()):
-                (files if q.suffix.lower() in IMAGE_SUFFIXES else ignored).append(q)
-        else: files.append(p)  # a file named explicitly is always tried (and reported if it is not readable)
-    return files, ignored
-
-# %% ../nbs/11_cli.ipynb #859f8d44
-def predict_files(learn, # a fastai Learner, e.g. from `covidcxr.learner.load_model`
-                  paths, # image files and/or folders (searched recursively)
-                  bs:int=16, # batch size for prediction
-                  guard=None, # a `covidcxr.guard.OODGuard` (e.g. `OODGuard.load(model_folder)`); the cheap image checks always run
-                 ):
-    "One row per file: `file`, `predicted`, a `prob_<class>` column per class, `error` (unreadable) and `not_classified` (why not)."
-    import numpy as np, pandas as pd
-    from contextlib import nullcontext
-    from covidcxr.dicom import read_cxr, CXRReadError
-    from covidcxr.guard import image_checks, capture_features
-    files, ignored = find_images(paths)
-    errors, rejected = {}, {}
-    for f in files:
-        try: why = image_checks(read_cxr(f))
-        except CXRReadError as e: errors[f] = e.reason; continue
-        except OSError as e: errors[f] = f'cannot read: {e}'; continue
-        if why: rejected[f] = f'not classified: {why}'
-    ok = [f for f in files if f not in errors and f not in rejected]
-    vocab = list(learn.dls.vocab)
-    probs = {}
-    if ok:
-        dl = learn.dls.test_dl(pd.DataFrame({'path': [str(f) for f in ok]}), bs=bs)
-        with (capture_features(learn.model) if guard is not None else nullcontext()) as feats, learn.no_bar(): p, _ = learn.get_preds(dl=dl)
-        if guard is not None: rejected.update({f: why for f, why in zip(ok, guard.check(np.concatenate(feats))) if why})
-        probs = {f: v for f, v in zip(ok, p.float().numpy()) if f not in rejected}
-    rows = []
-    for f in files:
-        r = dict(file=str(f), predicted='', **{f'prob_{c}': float('nan') for c in vocab}, error=errors.get(f, ''),
-                 not_classified=rejected.get(f, ''))
-        if f in probs:
-            r.update({f'prob_{c}': float(v) for c, v in zip(vocab, probs[f])}, predicted=vocab[int(probs[f].argmax())])
-        rows.append(r)
-    df = pd.DataFrame(rows, columns=['file', 'predicted', *[f'prob_{c}' for c in vocab], 'error', 'not_classified'])
-    df.attrs['ignored'] = [str(f) for f in ignored]
-    return df
 
 # %% ../nbs/11_cli.ipynb #5ef7138e
 LR_RULES = ('valley', 'minimum', 'steep')  # the LR finder's suggestions (covidcxr.learner.LR_SUGGESTIONS)
@@ -242,7 +191,22 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument('--model', required=True, metavar='DIR', help='run folder or model folder from `covidcxr train`')
     s.add_argument('paths', nargs='+', metavar='FILE_OR_FOLDER', help='images and/or folders of images')
     s.add_argument('--out', metavar='CSV', help='write the CSV here (default: standard output)')
-    s.add_argument('--bs', type=_pos_int, default=16, metavar='N', help='batch size (default: 16)')
+    s.add_argument('--bs', type=_pos_int, default=16, metavar='N', help='files decoded and predicted at a time (default: 16)')
+    s.add_argument('--engine', choices=['torch', 'onnx'], default='torch',
+                   help="torch: the saved PyTorch model (default); onnx: the model's model.onnx (covidcxr export) with ONNX Runtime, no torch needed")
+
+    s = _sub(subs, 'export', 'export a trained model for deployment (ONNX)',
+        "Write model.onnx into the model's folder: one graph from the resized 8-bit film to the calibrated\n"
+        'probabilities (normalisation and temperature folded in), with the guard\'s score as a second output when the\n'
+        'model has a guard; class names, mean, std, temperature and the guard threshold in its metadata. The batch size\n'
+        'is free. The export is checked against the PyTorch model before it is written (atomically).\n'
+        'Run it with `covidcxr predict --engine onnx` or `covidcxr serve --engine onnx` (ONNX Runtime, no torch).',
+        """\
+        covidcxr export --model runs/146 --format onnx
+        covidcxr predict --model runs/146 --engine onnx scans/ --out preds.csv""")
+    s.add_argument('--model', required=True, metavar='DIR', help='run folder or model folder from `covidcxr train`')
+    s.add_argument('--format', choices=['onnx'], default='onnx', help='export format (default: onnx)')
+    s.add_argument('--opset', type=_pos_int, default=17, metavar='N', help='ONNX opset (default: 17)')
 
     s = _sub(subs, 'audit', 'check a recipe for leakage and source shortcuts',
         'The checks the published COVID X-ray papers skipped: patients in more than one split, near-duplicate\n'
@@ -276,6 +240,8 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument('--host', default='127.0.0.1', metavar='ADDR', help='interface to listen on (default: 127.0.0.1, this machine only)')
     s.add_argument('--port', type=_nonneg_int, default=8000, metavar='N', help='port (default: 8000; 0 picks a free one)')
     s.add_argument('--no-cam', dest='cam', action='store_false', help='no Grad-CAM overlay (faster)')
+    s.add_argument('--engine', choices=['torch', 'onnx'], default='torch',
+                   help='torch: the saved PyTorch model, with Grad-CAM (default); onnx: model.onnx (covidcxr export) with ONNX Runtime, no Grad-CAM')
     return p
 
 def _version():
@@ -400,17 +366,19 @@ def cmd_predict(a)->int:
     if not Path(a.model).is_dir(): raise CLIError(f'--model {a.model}: no such folder', EXIT_USAGE)
     missing = [p for p in a.paths if not Path(p).exists()]
     if missing: raise CLIError(f"no such file or folder: {', '.join(missing)}", EXIT_USAGE)
-    from covidcxr.learner import load_model
-    from covidcxr.guard import OODGuard
-    learn, guard = load_model(a.model), OODGuard.load(a.model)
-    df = predict_files(learn, a.paths, bs=a.bs, guard=guard)
+    from covidcxr.predict import load_engine, predict_files
+    engine = load_engine(a.model, a.engine)
+    df = predict_files(engine, a.paths, bs=a.bs)
     if not len(df): raise CLIError(f"no image files found in {', '.join(a.paths)}", EXIT_USAGE)
-    if a.out: df.to_csv(a.out, index=False)
+    if a.out:  # written whole or not at all
+        out = Path(a.out); tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
+        try: df.to_csv(tmp, index=False); os.replace(tmp, out)
+        finally: tmp.unlink(missing_ok=True)
     else: df.to_csv(sys.stdout, index=False)
     bad, rej = df[df.error != ''], df[df.not_classified != '']
     msg = f'predicted {len(df) - len(bad) - len(rej)} of {len(df)} file(s)' + (f'; written to {a.out}' if a.out else '')
     if len(rej): msg += f'; {len(rej)} not classified: ' + '; '.join(f'{f} ({e})' for f, e in zip(rej.file[:10], rej.not_classified[:10]))
-    if guard is None: msg += '; this model has no saved guard (older than the guard): only the cheap image checks were applied'
+    if not engine.has_guard: msg += '; this model has no saved guard (older than the guard): only the cheap image checks were applied'
     if bad.size: msg += f'; {len(bad)} could not be read: ' + '; '.join(f'{f} ({e})' for f, e in zip(bad.file[:10], bad.error[:10]))
     if df.attrs.get('ignored'): msg += f"; ignored {len(df.attrs['ignored'])} non-image file(s) in the folders"
     print(msg, file=sys.stderr)
@@ -445,12 +413,20 @@ def cmd_serve(a)->int:
     if not ((m/'config.json').is_file() or (m/'model'/'config.json').is_file()):
         raise CLIError(f'--model {a.model}: not a covidcxr model or run folder (no config.json)', EXIT_USAGE)
     from covidcxr.serve import serve
-    try: serve(m, host=a.host, port=a.port, cam=a.cam)
+    try: serve(m, host=a.host, port=a.port, cam=a.cam, engine=a.engine)
     except KeyboardInterrupt: print('stopped', flush=True)  # Ctrl-C is how a server is meant to stop
     return EXIT_OK
 
+def cmd_export(a)->int:
+    from covidcxr.predict import model_folder, export_onnx
+    if not Path(a.model).is_dir(): raise CLIError(f'--model {a.model}: no such folder', EXIT_USAGE)
+    model_folder(a.model)  # not a model folder: exit 2 with the reason, before importing torch
+    p = export_onnx(a.model, opset=a.opset)
+    print(f'wrote {p} ({p.stat().st_size / 2**20:.1f} MB); run it with: covidcxr predict --model {a.model} --engine onnx FILES')
+    return EXIT_OK
+
 COMMANDS = dict(fetch=cmd_fetch, prepare=cmd_prepare, train=cmd_train, evaluate=cmd_evaluate, predict=cmd_predict, audit=cmd_audit,
-                serve=cmd_serve)
+                serve=cmd_serve, export=cmd_export)
 
 # %% ../nbs/11_cli.ipynb #462a811a
 def main(argv:list|None=None, # arguments without the program name (default: `sys.argv[1:]`)

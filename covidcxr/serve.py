@@ -10,13 +10,11 @@ from contextlib import contextmanager
 from functools import lru_cache
 from http.server import HTTPServer, BaseHTTPRequestHandler
 from pathlib import Path
-import numpy as np, pandas as pd, torch
+import numpy as np
 from PIL import Image
-from .core import *
+from .core import fmt_ci
 from .dicom import read_cxr, CXRReadError, IMAGE_SUFFIXES
-from .learner import load_model
-from .interpret import grad_cam
-from .guard import OODGuard, image_checks, capture_features
+from .predict import load_engine, model_folder, cheap_check
 
 # %% auto #0
 __all__ = ['NOT_A_DEVICE', 'MAX_UPLOAD', 'IN_MEMORY_UPLOADS', 'LOOPBACK_HOSTS', 'run_name', 'model_card', 'UploadError',
@@ -26,10 +24,6 @@ __all__ = ['NOT_A_DEVICE', 'MAX_UPLOAD', 'IN_MEMORY_UPLOADS', 'LOOPBACK_HOSTS', 
 # %% ../nbs/12_serve.ipynb #e00ec005
 NOT_A_DEVICE = ("Research prototype. Not a medical device: do not use it to diagnose or treat anyone. "
                 "Images are processed on this machine and not stored.")
-
-def _model_dir(path:Path)->Path:
-    "The folder holding config.json: `path` itself or a run folder's `model/`."
-    return path/'model' if (path/'model'/'config.json').is_file() else path
 
 def _finite(o):
     "`o` with every float that is not finite (NaN, inf, as Python's json reads them from a file) replaced by None."
@@ -42,15 +36,14 @@ def _finite(o):
 def run_name(path, # a model folder (`save_model`) or a run folder (`covidcxr train --out`)
             )->str:
     "The name a served model is shown by: its run folder's name (`runs/146` and `runs/146/model` are both '146'), never a path."
-    mdir = _model_dir(Path(path)).resolve()
+    mdir = model_folder(path).resolve()
     return mdir.parent.name if mdir.name == 'model' else mdir.name
 
 # %% ../nbs/12_serve.ipynb #b4ce3dbf
 def model_card(path, # a model folder (`save_model`) or a run folder (`covidcxr train --out`)
               )->dict:
     "Run name, architecture, classes, weights, and the held-out metrics (with 95% CIs and the split method) when the run recorded them; no file system paths."
-    path = Path(path); mdir = _model_dir(path)
-    if not (mdir/'config.json').is_file(): raise FileNotFoundError(f"{path}: no config.json here; is this a covidcxr model or run folder?")
+    path = Path(path); mdir = model_folder(path)  # FileNotFoundError naming `path` if it holds no model
     cfg = json.loads((mdir/'config.json').read_text())
     ws = cfg.get('weights_source')
     if isinstance(ws, str) and ws.startswith('file:'): ws = 'file:' + Path(ws[5:]).name  # a weights file: its name, not where it is
@@ -137,27 +130,28 @@ def upload_file(data:bytes, # the upload's bytes
 
 # %% ../nbs/12_serve.ipynb #cfa1218c
 class CXRPredictor:
-    "A saved model loaded once; predicts one uploaded X-ray at a time, with a Grad-CAM overlay of the predicted class."
+    "A saved model loaded once; predicts one uploaded X-ray at a time, with a Grad-CAM overlay of the predicted class (PyTorch engine)."
     def __init__(self, model, # a model folder or run folder
-                 cam:bool=True, # add a Grad-CAM overlay
+                 cam:bool=True, # add a Grad-CAM overlay (the 'torch' engine only)
                  max_bytes:int=MAX_UPLOAD, # largest upload accepted
                  decodes:int=2, # images decoded at the same time, at most (each may take hundreds of MB)
+                 engine:str='torch', # 'torch', or 'onnx' for the exported `model.onnx` (`covidcxr export`), without Grad-CAM
                 ):
-        self.path, self.cam, self.max_bytes = Path(model), cam, max_bytes
-        self.card = model_card(self.path)
-        self.learn = load_model(self.path)
-        self.guard = OODGuard.load(self.path)   # None for models saved before the guard: the cheap checks still run
-        self.learn.model.eval()
-        self.vocab = list(self.learn.dls.vocab)
-        mean, std = (np.asarray(s, dtype=float) for s in self.learn.norm_stats)
+        self.path, self.max_bytes = Path(model), max_bytes
+        self.engine = load_engine(self.path, engine)   # its guard is None for models saved before the guard: the cheap checks still run
+        self.cam = cam and self.engine.name == 'torch'
+        self.card = dict(model_card(self.path), engine=self.engine.name)
+        self.learn = getattr(self.engine, 'learn', None)
+        self.vocab = self.engine.vocab
+        mean, std = (np.asarray(s, dtype=float) for s in self.engine.norm_stats)
         if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
-            raise ValueError(f"{_model_dir(self.path)/'config.json'}: mean {mean.tolist()}, std {std.tolist()}: a std that is 0 or "
+            raise ValueError(f"{model_folder(self.path)/'config.json'}: mean {mean.tolist()}, std {std.tolist()}: a std that is 0 or "
                              "not finite makes every probability NaN; this model cannot be served (re-save it with save_model)")
         self.lock = threading.Lock()  # one model call at a time: the model and its Grad-CAM hooks are shared
         # ... and always on the same thread: torch's buffers then come from one malloc arena, not one per server thread
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix='covidcxr-model')
         self._decode_threads = ThreadPoolExecutor(decodes, thread_name_prefix='covidcxr-decode')  # at most `decodes` at once
-        mdir = _model_dir(self.path).resolve()
+        mdir = model_folder(self.path).resolve()
         self._private = sorted({str(mdir), str(self.path.resolve())} - {'/'}, key=len, reverse=True)
 
     def scrub(self, text:str)->str:
@@ -175,28 +169,26 @@ class CXRPredictor:
         except OSError as e: raise UploadError(f"{name}: cannot read ({e.strerror or type(e).__name__})") from e
 
     def _infer(self, img:Image.Image)->tuple:
-        "The model's input batch, Grad-CAM heatmaps (or None) and probabilities for one image (with the model's temperature, if calibrated)."
-        dl = self.learn.dls.test_dl(pd.DataFrame({'path': [img]}), bs=1, rm_type_tfms=0)
-        t = float(getattr(self.learn, 'temperature', None) or 1.)  # `get_preds` applies it by a callback; the model alone does not
-        with self.lock, capture_features(self.learn.model) as feats:
-            x = dl.one_batch()[0]
-            if not self.cam:
-                with torch.no_grad(): probs = torch.softmax(self.learn.model(x).float() / t, 1).cpu().numpy()
-                return x, None, probs, feats[0]
-            cams, probs = grad_cam(self.learn.model, x)
+        "Probabilities (with the model's temperature), the guard's verdicts, and with Grad-CAM the model's input and heatmaps (else None) for one image."
+        with self.lock:
+            if not self.cam: return (*self.engine([img]), None, None)
+            from covidcxr.guard import capture_features
+            from covidcxr.interpret import grad_cam
+            x = self.engine.inputs([img])
+            with capture_features(self.learn.model) as feats: cams, probs = grad_cam(self.learn.model, x)
+            why, t = self.engine.verdicts(feats[0]), self.engine.temperature
         if t != 1.:  # softmax(z / t) from softmax(z): log softmax(z) is z less a constant
             with np.errstate(divide='ignore'): lp = np.log(np.asarray(probs, dtype=np.float64)) / t
             probs = np.exp(lp - lp.max(1, keepdims=True)); probs /= probs.sum(1, keepdims=True)
-        return x, cams, probs, feats[0]
+        return probs, why, x, cams
 
     def predict_image(self, img:Image.Image, # a decoded X-ray (`read_cxr`)
                       name:str='upload', # the name to report
                      )->dict:
         "Class probabilities (and a Grad-CAM PNG, base64) for one decoded X-ray; a `ModelError` if they are not finite."
-        why = image_checks(img)
-        if why: return self.not_classified(name, f'not classified: {why}')
-        x, cams, probs, feats = self._model_thread.submit(self._infer, img).result()
-        if self.guard is not None and (why := self.guard.check(feats)[0]): return self.not_classified(name, why)
+        if why := cheap_check(img): return self.not_classified(name, why)
+        probs, why, x, cams = self._model_thread.submit(self._infer, img).result()
+        if why[0]: return self.not_classified(name, why[0])
         p = np.asarray(probs[0], dtype=float)
         if not np.isfinite(p).all():
             raise ModelError(f"{name}: the model gave probabilities that are not numbers ({', '.join(f'{c} {v}' for c, v in zip(self.vocab, p))}); "
@@ -204,7 +196,7 @@ class CXRPredictor:
         out = dict(file=name, classified=True, predicted=self.vocab[int(p.argmax())], probabilities={c: float(v) for c, v in zip(self.vocab, p)},
                    cam_png=None, notice=NOT_A_DEVICE)
         if self.cam:
-            mean, std = (float(np.mean(s)) for s in self.learn.norm_stats)
+            mean, std = (float(np.mean(s)) for s in self.engine.norm_stats)
             img = x[0].float().mean(0).cpu().numpy() * std + mean
             out['cam_png'] = base64.b64encode(cam_overlay_png(img, cams[0])).decode()
         return out
@@ -233,17 +225,12 @@ class CXRPredictor:
         return self.predict_image(img, name)
 
 # %% ../nbs/12_serve.ipynb #882776d0
-def _fmt_ci(m:dict|None)->str:
-    if not m or m.get('value') is None: return 'undefined'
-    lo, hi = m.get('ci_low'), m.get('ci_high')
-    return f"{m['value']:.3f}" + (f" (95% CI {lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else '')
-
 def page_html(card:dict)->str:
     "The upload page: the notice, the model and its measured accuracy, a file input, and the answer."
     e = html.escape
     if card['evaluation']:
         rows = ''.join(f"<tr><td>{e(str(r['split']))}</td><td>{r['n_patients']}</td><td>{r['n_images']}</td>"
-                       f"<td>{e(_fmt_ci(r.get('accuracy')))}</td><td>{e(_fmt_ci(r.get('macro_auc')))}</td></tr>" for r in card['evaluation'])
+                       f"<td>{e(fmt_ci(r.get('accuracy')))}</td><td>{e(fmt_ci(r.get('macro_auc')))}</td></tr>" for r in card['evaluation'])
         ev = (f"<table><tr><th>split</th><th>patients</th><th>images</th><th>accuracy</th><th>macro AUC</th></tr>{rows}</table>"
               f"<p class=small>Split {e(str(card['split_method'] or 'method not recorded'))}. Intervals: patient bootstrap.</p>")
     else: ev = "<p class=warn>Not evaluated: no metrics.json beside this model, so its accuracy is unknown.</p>"
@@ -257,7 +244,7 @@ td,th{{border-bottom:1px solid #ddd;padding:.25em .7em;text-align:left}}
 #err{{color:#a00;font-weight:bold}}</style></head><body>
 <h1>covidcxr</h1><p class=notice>{e(NOT_A_DEVICE)}</p>
 <h2>Model</h2><p>Run {e(str(card['model']))}: {e(card['arch'])}, classes: {e(', '.join(card['classes']))}; recipe: {e(str(card['recipe'] or 'not recorded'))};
-input {e(str(card['size']))} px; weights: {e(str(card['weights_source']))}.</p>
+input {e(str(card['size']))} px; weights: {e(str(card['weights_source']))}{'; run by ONNX Runtime (no Grad-CAM)' if card.get('engine') == 'onnx' else ''}.</p>
 <h3>Measured on held-out patients</h3>{ev}
 <h2>Upload a chest X-ray</h2><p><input type=file id=file accept="{','.join(IMAGE_SUFFIXES)}"></p>
 <p class=small>PNG, JPEG, BMP, TIFF or DICOM, frontal view, as the model was trained on.</p>
@@ -505,13 +492,16 @@ def serve(model, # a model folder or run folder
           workers:int=16, # worker threads (requests handled at once; the model itself runs one at a time)
           timeout:float=30., # seconds a client has to send its whole request, from connecting
           allowed_hosts:tuple=(), # Host names to answer besides those `host_allowed` accepts for `host`
+          engine:str='torch', # 'torch', or 'onnx': the exported `model.onnx` with ONNX Runtime (no Grad-CAM)
          ):
     "Serve the upload page for `model`; the returned server has `.url` and `.predictor` (`server.shutdown()` stops it). Stops on Ctrl-C or SIGTERM."
     srv = CXRServer((host, port), None, workers=workers, timeout=timeout, allowed_hosts=allowed_hosts, verbose=verbose)
-    try: srv.predictor = CXRPredictor(model, cam=cam)
+    try: srv.predictor = CXRPredictor(model, cam=cam, engine=engine)
     except BaseException: srv.server_close(); raise
     srv.url = f"http://{host if ':' not in host else f'[{host}]'}:{srv.server_address[1]}/"
-    if verbose: print(f"serving {model} at {srv.url} (Ctrl-C to stop)", flush=True)
+    if verbose:
+        how = ' with ONNX Runtime (no Grad-CAM overlay: it needs --engine torch)' if engine == 'onnx' else ''
+        print(f"serving {model}{how} at {srv.url} (Ctrl-C to stop)", flush=True)
     if not block:
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         return srv
