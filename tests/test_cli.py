@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 
 EXE = Path(sys.executable).parent/'covidcxr'
-CMDS = ('fetch', 'prepare', 'train', 'evaluate', 'predict', 'audit', 'serve')
+CMDS = ('fetch', 'prepare', 'train', 'evaluate', 'predict', 'export', 'audit', 'serve')
 
 def cli(*args, env=None, **kw):
     "Run the console script (or `python -m covidcxr.cli` if it is not installed) and return the CompletedProcess."
