@@ -13,7 +13,8 @@ from .learner import *
 from .evaluate import *
 from .interpret import *
 from .report import write_report, data_summary_frame, split_summary_frame
-from .audit import cam_in_lungs, masked_rescore, cam_lung_summary, masked_summary, _ci
+from .audit import cam_in_lungs, masked_rescore, cam_lung_summary, masked_summary
+from .core import fmt_ci as _ci   # the kit's one formatter (the body still calls it `_ci`)
 from .presets import *
 from .guard import OODGuard
 
