@@ -192,26 +192,26 @@ def source_summary(res:dict)->str:
     return '\n'.join(s)
 
 # %% ../nbs/09_audit.ipynb #8e8c8f52
-def _lung_check_rows(df:pd.DataFrame, # rows to check
-                     vocab:list, # the model's classes
+def _lung_check_rows(learn, # the learner under check
+                     df:pd.DataFrame, # rows to check
                      split:str|None=None, # name of the split `df` holds (default: from `df.split`)
-                    )->tuple[pd.DataFrame, dict]:
-    "The rows a lung check scores (a lung mask and a known label), and the header its result starts with."
+                    )->tuple[pd.DataFrame, list, dict]:
+    "`(rows, vocab, header)`: the rows a lung check scores (a lung mask and a known label), the model's classes, and the header of its result."
+    vocab = list(learn.dls.vocab)
     rows = df[has_mask(df) & df.label.isin(vocab).values].reset_index(drop=True)
     if not len(rows): raise ValueError("none of these rows has a lung mask (`mask` column)")
-    return rows, dict(split=split or (','.join(sorted(rows.split.unique())) if 'split' in rows else 'given rows'),
+    return rows, vocab, dict(split=split or (','.join(sorted(rows.split.unique())) if 'split' in rows else 'given rows'),
                       n_images=len(rows), n_patients=int(rows.patient_id.nunique()), labels=rows.label.value_counts().to_dict())
 
 # %% ../nbs/09_audit.ipynb #17bb439e
 def masked_rescore(learn, # a trained fastai Learner (`build_learner` / `load_model`)
                    df:pd.DataFrame, # rows to score (e.g. the test split); only rows with a `mask` are used
+                   split:str|None=None, # name of the split `df` holds, for the report (default: from `df.split`)
                    n_boot:int=1000, # bootstrap resamples
                    seed:int=42, # bootstrap seed
-                   split:str|None=None, # name of the split `df` holds, for the report (default: from `df.split`)
                   )->dict:
     "Predict original and lung-masked copies with the same learner; accuracy and true-class probability before / after, with CIs."
-    vocab = list(learn.dls.vocab)
-    rows, res = _lung_check_rows(df, vocab, split)
+    rows, vocab, res = _lung_check_rows(learn, df, split)
     with tempfile.TemporaryDirectory() as d:
         mc = masked_copies(rows, d)
         def probs(paths):
@@ -267,15 +267,14 @@ def cam_lung_stats(cams:np.ndarray, # (n, H, W) heatmaps in [0, 1]
 # %% ../nbs/09_audit.ipynb #ba867617
 def cam_in_lungs(learn, # a trained fastai Learner
                  df:pd.DataFrame, # rows to check (e.g. the test split); only rows with a `mask` are used
-                 method:str='gradcam', # 'gradcam' or 'gradcam++'
+                 split:str|None=None, # name of the split `df` holds, for the report (default: from `df.split`)
                  n_boot:int=1000, # bootstrap resamples
                  seed:int=42, # bootstrap seed
-                 split:str|None=None, # name of the split `df` holds, for the report (default: from `df.split`)
+                 method:str='gradcam', # 'gradcam' or 'gradcam++'
                 )->dict:
     "How much of each Grad-CAM (predicted class) lies inside the lungs, against the lungs' share of the image; patient-bootstrap CIs."
     from covidcxr.interpret import learner_inputs, grad_cam
-    vocab = list(learn.dls.vocab)
-    rows, head = _lung_check_rows(df, vocab, split)
+    rows, vocab, head = _lung_check_rows(learn, df, split)
     lungs = lung_masks_as_seen(learn, rows)
     x, _, _ = learner_inputs(learn, rows)
     cams, probs = grad_cam(learn.model, x, method=method)
