@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_evaluate.ipynb #b5f9d19e
 from __future__ import annotations
-import inspect, json, math, time
+import inspect, math, time
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from scipy import stats

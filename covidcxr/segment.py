@@ -4,9 +4,8 @@
 
 # %% ../nbs/14_segment.ipynb #e73201b5
 from __future__ import annotations
-import hashlib, shutil
 from pathlib import Path
-import numpy as np, pandas as pd, torch, timm
+import numpy as np, pandas as pd, timm
 from PIL import Image
 from fastai.vision.all import *
 from .core import *
