@@ -4,56 +4,20 @@
 
 # %% ../nbs/09_audit.ipynb #c8b2b68c
 from __future__ import annotations
-import json, math, shutil, tempfile
+import json, math, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
 from .core import *
-from .dicom import read_cxr, CXRReadError
+from .dicom import read_cxr
+from .hashing import hamming, image_hashes, recipe_split
+from .masks import mask_path, has_mask, masked_copies
+from .evaluate import patient_cis, weighted_mean, macro_auc
 
 # %% auto #0
-__all__ = ['HASHES', 'dhash', 'ahash', 'hamming', 'image_hashes', 'LeakageReport', 'leakage_report', 'duplicate_groups',
-           'recipe_split', 'image_features', 'patient_bootstrap', 'source_shortcut_check', 'source_summary',
-           'apply_lung_mask', 'has_mask', 'masked_copies', 'masked_rescore', 'masked_summary', 'lung_masks_as_seen',
-           'cam_lung_stats', 'cam_in_lungs', 'cam_lung_summary', 'load_splits', 'run_audit']
-
-# %% ../nbs/09_audit.ipynb #ed63209b
-def dhash(img:Image.Image, # any PIL image (converted to grayscale)
-          size:int=16, # hash side: size*size bits
-         )->np.ndarray:
-    "Difference hash: bits of 'pixel brighter than its right neighbour' on a (size+1) x size thumbnail, packed in uint8."
-    a = np.asarray(img.convert('L').resize((size + 1, size), Image.Resampling.LANCZOS), dtype=np.int16)
-    return np.packbits((a[:, 1:] > a[:, :-1]).ravel())
-
-def ahash(img:Image.Image, # any PIL image (converted to grayscale)
-          size:int=16, # hash side: size*size bits
-         )->np.ndarray:
-    "Average hash: bits of 'pixel above the mean' on a size x size thumbnail, packed in uint8."
-    a = np.asarray(img.convert('L').resize((size, size), Image.Resampling.LANCZOS), dtype=np.float32)
-    return np.packbits((a > a.mean()).ravel())
-
-HASHES = dict(dhash=dhash, ahash=ahash)
-
-def hamming(a, # (n, k) packed hashes (uint8)
-            b, # (m, k) packed hashes (uint8)
-            chunk:int=256, # rows of `a` at a time (bounds memory)
-           )->np.ndarray:
-    "Bitwise Hamming distances between two sets of packed hashes: an (n, m) matrix."
-    a, b = np.atleast_2d(np.asarray(a, np.uint8)), np.atleast_2d(np.asarray(b, np.uint8))
-    if not len(a): return np.zeros((0, len(b)), np.int32)
-    return np.concatenate([np.bitwise_count(a[i:i + chunk, None, :] ^ b[None]).sum(-1, dtype=np.int32)
-                           for i in range(0, len(a), chunk)])
-
-# %% ../nbs/09_audit.ipynb #c98bc5b0
-def image_hashes(paths, # image files (anything `read_cxr` reads)
-                 kind:str='dhash', # 'dhash' or 'ahash'
-                )->tuple[np.ndarray, dict]:
-    "Hash every file; returns `(hashes (n, 32) uint8, {file: reason} for files that could not be read)`."
-    fn, out, errors = HASHES[kind], np.zeros((len(paths), 32), dtype=np.uint8), {}
-    for i, p in enumerate(paths):
-        try: out[i] = fn(read_cxr(p))
-        except CXRReadError as e: errors[str(p)] = e.reason
-    return out, errors
+__all__ = ['LeakageReport', 'leakage_report', 'image_features', 'source_shortcut_check', 'source_summary', 'masked_rescore',
+           'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats', 'cam_in_lungs', 'cam_lung_summary', 'load_splits',
+           'run_audit']
 
 # %% ../nbs/09_audit.ipynb #246ea541
 class LeakageReport:
@@ -115,35 +79,6 @@ def leakage_report(df:pd.DataFrame, # table with `path`, `file`, `patient_id` an
     return LeakageReport(patients, dup.sort_values('distance').reset_index(drop=True), len(df), df.patient_id.nunique(),
                          threshold, kind, unreadable)
 
-# %% ../nbs/09_audit.ipynb #3a09fd78
-def duplicate_groups(df:pd.DataFrame, # table with `path` and `patient_id` (and optionally a precomputed `hash`)
-                     threshold:int=16, # near-duplicate if the hashes differ in at most this many bits (as `leakage_report`)
-                     kind:str='dhash', # perceptual hash: 'dhash' or 'ahash'
-                    )->pd.Series:
-    "One split group per row: patients linked by near-duplicate images share a group, named after the first of their ids."
-    pids = df.patient_id.astype(str).values
-    H = np.stack(df['hash'].values) if 'hash' in df.columns else image_hashes(list(df.path), kind)[0]
-    parent = {p: p for p in pids}
-    def find(p):
-        while parent[p] != p: parent[p] = parent[parent[p]]; p = parent[p]
-        return p
-    for a, b in zip(*np.where(np.triu(hamming(H, H) <= threshold, 1))):
-        ra, rb = find(pids[a]), find(pids[b])
-        if ra != rb: parent[max(ra, rb)] = min(ra, rb)
-    return pd.Series([find(p) for p in pids], index=df.index, name='split_group')
-
-# %% ../nbs/09_audit.ipynb #89a8c9d2
-def recipe_split(df:pd.DataFrame, # dataset table (`load_dataset`)
-                 recipe:str, # a recipe name (`RECIPES`)
-                 seed:int=42, # seeds the recipe and the split
-                 pcts=(0.7, 0.2, 0.1), # train / valid / test shares of patients
-                )->tuple:
-    "`(split table, dropped rows)`: the recipe's selection with `split_group` and `split` (by patient group)."
-    from covidcxr.data import get_recipe, patient_split
-    sel, dropped = get_recipe(recipe)(df, seed=seed)
-    sel = sel.assign(split_group=duplicate_groups(sel))
-    return patient_split(sel, pcts=pcts, seed=seed, by='split_group'), dropped
-
 # %% ../nbs/09_audit.ipynb #7795616d
 def image_features(paths, # image files
                    arch:str='efficientnet_lite0', # a timm architecture `resolve_weights` can find weights for
@@ -167,35 +102,6 @@ def image_features(paths, # image files
             x = torch.from_numpy(x).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
             out.append(m((x - mean) / std).numpy())
     return np.concatenate(out)
-
-# %% ../nbs/09_audit.ipynb #caafb22d
-def _auc(y, p, w=None)->float:
-    "ROC AUC (binary on p[:, 1], else one-vs-rest macro), NaN where undefined."
-    from sklearn.metrics import roc_auc_score
-    keep = np.ones(len(y), bool) if w is None else w > 0
-    if len(np.unique(y[keep])) < 2: return math.nan
-    try:
-        if p.shape[1] == 2: return float(roc_auc_score(y, p[:, 1], sample_weight=w))
-        return float(roc_auc_score(y, p, multi_class='ovr', average='macro', sample_weight=w, labels=np.arange(p.shape[1])))
-    except ValueError: return math.nan
-
-def patient_bootstrap(stat, # function(weights (n,)) -> float
-                      patient_ids, # (n,) the resampling unit
-                      n_boot:int=1000, seed:int=42, level:float=0.95)->dict:
-    "`{value, ci_low, ci_high}`: a statistic with a percentile 95% CI, patients resampled with replacement."
-    codes, uniq = pd.factorize(np.asarray(patient_ids))
-    rng = np.random.default_rng(seed)
-    val = stat(np.ones(len(codes)))
-    reps = np.array([stat(np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))[codes].astype(float))
-                     for _ in range(n_boot)])
-    reps = reps[np.isfinite(reps)]
-    if not np.isfinite(val) or len(reps) < 2: return dict(value=None if not np.isfinite(val) else float(val), ci_low=None, ci_high=None)
-    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
-    return dict(value=float(val), ci_low=float(min(lo, val)), ci_high=float(max(hi, val)))
-
-def _ci(m)->str:
-    if m.get('value') is None: return 'undefined'
-    return f"{m['value']:.3f} (95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f})" if m.get('ci_low') is not None else f"{m['value']:.3f}"
 
 # %% ../nbs/09_audit.ipynb #2efc8041
 def _cv_probs(X, y, groups, folds:int, seed:int)->np.ndarray:
@@ -239,7 +145,6 @@ def source_shortcut_check(df:pd.DataFrame, # table with `path`, `label`, `source
     y, srcs = pd.factorize(df.source, sort=True)
     P = _cv_probs(X, y, df.patient_id.values, folds, seed)
     res['sources'] = list(srcs)
-    res['source_auc'] = patient_bootstrap(lambda w: _auc(y, P, w), df.patient_id, n_boot, seed)
     res['within_label'] = {}
     for lab, g in df.groupby('label'):
         vc = g.source.value_counts()
@@ -247,96 +152,68 @@ def source_shortcut_check(df:pd.DataFrame, # table with `path`, `label`, `source
         idx = g.index.values
         yl, _ = pd.factorize(g.source, sort=True)
         Pl = _cv_probs(X[idx], yl, g.patient_id.values, folds, seed)
-        res['within_label'][lab] = dict(n_images=len(g), **patient_bootstrap(lambda w: _auc(yl, Pl, w), g.patient_id, n_boot, seed))
+        res['within_label'][lab] = dict(n_images=len(g), **patient_cis({'auc': lambda W: macro_auc(Pl, yl, W)}, g.patient_id, n_boot, seed)['auc'])
     chi2, p, _, _ = chi2_contingency(ct.values) if min(ct.shape) > 1 else (0., 1., None, None)
     v = math.sqrt(chi2 / (len(df) * (min(ct.shape) - 1))) if min(ct.shape) > 1 else 0.
     best = df.groupby('source').label.agg(lambda s: s.value_counts().index[0])  # each source's majority label
     hit = (df.source.map(best) == df.label).values.astype(float)
     res['chi2_p'], res['cramers_v'] = float(p), float(v)
-    res['source_only_accuracy'] = patient_bootstrap(lambda w: np.average(hit, weights=w), df.patient_id, n_boot, seed)
+    res.update(patient_cis(dict(source_auc=lambda W: macro_auc(P, y, W), source_only_accuracy=weighted_mean(hit)),
+                           df.patient_id, n_boot, seed))   # the same patient resamples for both
     res['majority_class_rate'] = float(df.label.value_counts(normalize=True).max())
     lo = res['source_auc']['ci_low']
     res['predictable'] = bool(lo is not None and lo >= auc_threshold)
     res['confounded'] = bool(p < 0.05 and v >= 0.2)
     if res['predictable'] and res['confounded']:
-        res['verdict'] = (f"LABELS ARE CONFOUNDED WITH SOURCE: the source is predictable from the images (AUC {_ci(res['source_auc'])}) "
+        res['verdict'] = (f"LABELS ARE CONFOUNDED WITH SOURCE: the source is predictable from the images (AUC {fmt_ci(res['source_auc'])}) "
                           f"and tied to the label (Cramér's V {v:.2f}, p={p:.1e}; knowing only the source gives accuracy "
-                          f"{_ci(res['source_only_accuracy'])}). A classifier's accuracy on these data may reflect the source, not the disease.")
+                          f"{fmt_ci(res['source_only_accuracy'])}). A classifier's accuracy on these data may reflect the source, not the disease.")
     elif res['confounded']:
         res['verdict'] = (f"labels are confounded with source (Cramér's V {v:.2f}, p={p:.1e}), but the source was not clearly "
-                          f"predictable from the images (AUC {_ci(res['source_auc'])}); still, balance sources per label if you can.")
+                          f"predictable from the images (AUC {fmt_ci(res['source_auc'])}); still, balance sources per label if you can.")
     elif res['predictable']:
-        res['verdict'] = (f"the source is predictable from the images (AUC {_ci(res['source_auc'])}) but not tied to the label "
+        res['verdict'] = (f"the source is predictable from the images (AUC {fmt_ci(res['source_auc'])}) but not tied to the label "
                           f"(Cramér's V {v:.2f}): not a shortcut for this label set.")
     else: res['verdict'] = "no evidence that the source is a shortcut here"
     return res
 
+# %% ../nbs/09_audit.ipynb #baf5f651
 def source_summary(res:dict)->str:
     "The source check as a few readable lines."
     ct = pd.DataFrame(res['crosstab'])
     s = [f"source check on {res['n_images']} images of {res['n_patients']} patients ({res.get('features', '')}; {res.get('evaluated_on', '')}):",
          '  label x source:', *['    ' + l for l in ct.fillna(0).astype(int).to_string().splitlines()]]
     if res.get('source_auc'):
-        s.append(f"  source predicted from the images: AUC {_ci(res['source_auc'])}")
+        s.append(f"  source predicted from the images: AUC {fmt_ci(res['source_auc'])}")
         for lab, m in res.get('within_label', {}).items():
-            s.append(f"    within label {lab!r} ({m['n_images']} images, same disease, different source): AUC {_ci(m)}")
-        s.append(f"  accuracy from the source alone: {_ci(res['source_only_accuracy'])} (majority class rate {res['majority_class_rate']:.3f})")
+            s.append(f"    within label {lab!r} ({m['n_images']} images, same disease, different source): AUC {fmt_ci(m)}")
+        s.append(f"  accuracy from the source alone: {fmt_ci(res['source_only_accuracy'])} (majority class rate {res['majority_class_rate']:.3f})")
     s.append('  verdict: ' + res['verdict'])
     return '\n'.join(s)
 
-# %% ../nbs/09_audit.ipynb #bd6c9e23
-def apply_lung_mask(img:Image.Image, # grayscale X-ray
-                    mask:Image.Image, # lung mask (non-zero = lung), resized to the image if needed
-                    fill:int=0, # value outside the lungs
-                   )->Image.Image:
-    "The X-ray with every pixel outside the lungs set to `fill` (pixels inside unchanged)."
-    img = img.convert('L')
-    m = mask.convert('L')
-    if m.size != img.size: m = m.resize(img.size, Image.Resampling.NEAREST)
-    a = np.asarray(img).copy()
-    a[np.asarray(m) < 128] = fill
-    return Image.fromarray(a)
-
-def _mask_path(row, root=None)->Path|None:
-    m = row.get('mask')
-    if not isinstance(m, str) or not m.strip(): return None
-    if root is None: root = Path(str(row['path'])[:-len(str(row['file']))]) if str(row['path']).endswith(str(row['file'])) else Path(row['path']).parent
-    return Path(root)/m
-
-def has_mask(df:pd.DataFrame)->np.ndarray:
-    "Which rows have a lung mask (a non-empty `mask`), as a boolean array aligned with `df`."
-    return np.array([_mask_path(r) is not None for _, r in df.iterrows()], dtype=bool)
-
-def masked_copies(df:pd.DataFrame, # table with `path`, `file` and `mask` (relative to the dataset folder)
-                  dest, # folder for the masked copies (PNG, lossless)
-                  root=None, # dataset folder the masks are relative to (default: from `path` and `file`)
-                 )->pd.DataFrame:
-    "Write lung-masked copies of the rows that have a mask; returns those rows with `path` pointing at the copies."
-    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for _, r in df.iterrows():
-        mp = _mask_path(r, root)
-        if mp is None: continue
-        if not mp.is_file(): raise FileNotFoundError(f"{r['file']}: its mask {mp} does not exist")
-        out = dest/Path(str(r['file'])).with_suffix('.png')
-        out.parent.mkdir(parents=True, exist_ok=True)
-        apply_lung_mask(read_cxr(r['path']), Image.open(mp)).save(out)
-        rows.append({**r.to_dict(), 'orig_path': r['path'], 'path': str(out)})
-    return pd.DataFrame(rows, columns=[*df.columns, 'orig_path'])
+# %% ../nbs/09_audit.ipynb #8e8c8f52
+def _lung_check_rows(learn, # the learner under check
+                     df:pd.DataFrame, # rows to check
+                     split:str|None=None, # name of the split `df` holds (default: from `df.split`)
+                    )->tuple[pd.DataFrame, list, dict]:
+    "`(rows, vocab, header)`: the rows a lung check scores (a lung mask and a known label), the model's classes, and the header of its result."
+    vocab = list(learn.dls.vocab)
+    rows = df[has_mask(df) & df.label.isin(vocab).values].reset_index(drop=True)
+    if not len(rows): raise ValueError("none of these rows has a lung mask (`mask` column)")
+    return rows, vocab, dict(split=split or (','.join(sorted(rows.split.unique())) if 'split' in rows else 'given rows'),
+                      n_images=len(rows), n_patients=int(rows.patient_id.nunique()), labels=rows.label.value_counts().to_dict())
 
 # %% ../nbs/09_audit.ipynb #17bb439e
 def masked_rescore(learn, # a trained fastai Learner (`build_learner` / `load_model`)
                    df:pd.DataFrame, # rows to score (e.g. the test split); only rows with a `mask` are used
+                   split:str|None=None, # name of the split `df` holds, for the report (default: from `df.split`)
                    n_boot:int=1000, # bootstrap resamples
                    seed:int=42, # bootstrap seed
-                   split:str|None=None, # name of the split `df` holds, for the report (default: from `df.split`)
                   )->dict:
     "Predict original and lung-masked copies with the same learner; accuracy and true-class probability before / after, with CIs."
-    vocab = list(learn.dls.vocab)
+    rows, vocab, res = _lung_check_rows(learn, df, split)
     with tempfile.TemporaryDirectory() as d:
-        mc = masked_copies(df, d)
-        if not len(mc): raise ValueError("none of these rows has a lung mask (`mask` column)")
-        mc = mc[mc.label.isin(vocab)].reset_index(drop=True)
+        mc = masked_copies(rows, d)
         def probs(paths):
             dl = learn.dls.test_dl(pd.DataFrame({'path': list(paths)}))
             with learn.no_bar(): return learn.get_preds(dl=dl)[0].float().numpy()
@@ -344,27 +221,22 @@ def masked_rescore(learn, # a trained fastai Learner (`build_learner` / `load_mo
     y = np.array([vocab.index(l) for l in mc.label])
     c0, c1 = (P0.argmax(1) == y).astype(float), (P1.argmax(1) == y).astype(float)
     t0, t1 = P0[np.arange(len(y)), y], P1[np.arange(len(y)), y]
-    pid = mc.patient_id.values
-    bs = lambda f: patient_bootstrap(f, pid, n_boot, seed)
-    res = dict(split=split or (','.join(sorted(mc.split.unique())) if 'split' in mc else 'given rows'),
-               n_images=len(mc), n_patients=int(mc.patient_id.nunique()), labels=mc.label.value_counts().to_dict(),
-               accuracy_original=bs(lambda w: np.average(c0, weights=w)), accuracy_masked=bs(lambda w: np.average(c1, weights=w)),
-               accuracy_change=bs(lambda w: np.average(c1 - c0, weights=w)),
-               true_class_prob_original=bs(lambda w: np.average(t0, weights=w)), true_class_prob_masked=bs(lambda w: np.average(t1, weights=w)),
-               predictions_changed=bs(lambda w: np.average((P0.argmax(1) != P1.argmax(1)).astype(float), weights=w)))
-    if mc.label.nunique() > 1:
-        res['auc_original'], res['auc_masked'] = bs(lambda w: _auc(y, P0, w)), bs(lambda w: _auc(y, P1, w))
+    stats = dict(accuracy_original=weighted_mean(c0), accuracy_masked=weighted_mean(c1), accuracy_change=weighted_mean(c1 - c0),
+                 true_class_prob_original=weighted_mean(t0), true_class_prob_masked=weighted_mean(t1),
+                 predictions_changed=weighted_mean(P0.argmax(1) != P1.argmax(1)))
+    if mc.label.nunique() > 1: stats.update(auc_original=lambda W: macro_auc(P0, y, W), auc_masked=lambda W: macro_auc(P1, y, W))
     else: res['auc_note'] = (f"only {mc.label.iloc[0]!r} images have lung masks here, so AUC is undefined; "
                              "the accuracy above is that class's sensitivity")
-    return res
+    return {**res, **patient_cis(stats, mc.patient_id.values, n_boot, seed)}
 
+# %% ../nbs/09_audit.ipynb #744caf82
 def masked_summary(res:dict)->str:
     "The lung-mask check as a few readable lines."
     s = [f"lung-masked re-scoring on the {res['split']} split: {res['n_images']} images of {res['n_patients']} patients with masks ({res['labels']})",
-         f"  accuracy: original {_ci(res['accuracy_original'])}, lung-masked {_ci(res['accuracy_masked'])}, change {_ci(res['accuracy_change'])}",
-         f"  probability of the true class: {_ci(res['true_class_prob_original'])} -> {_ci(res['true_class_prob_masked'])}",
-         f"  predictions that changed: {_ci(res['predictions_changed'])}"]
-    if 'auc_original' in res: s.append(f"  AUC: {_ci(res['auc_original'])} -> {_ci(res['auc_masked'])}")
+         f"  accuracy: original {fmt_ci(res['accuracy_original'])}, lung-masked {fmt_ci(res['accuracy_masked'])}, change {fmt_ci(res['accuracy_change'])}",
+         f"  probability of the true class: {fmt_ci(res['true_class_prob_original'])} -> {fmt_ci(res['true_class_prob_masked'])}",
+         f"  predictions that changed: {fmt_ci(res['predictions_changed'])}"]
+    if 'auc_original' in res: s.append(f"  AUC: {fmt_ci(res['auc_original'])} -> {fmt_ci(res['auc_masked'])}")
     else: s.append('  ' + res['auc_note'])
     return '\n'.join(s)
 
@@ -376,12 +248,13 @@ def lung_masks_as_seen(learn, # a fastai Learner
     from covidcxr.interpret import learner_inputs
     paths = []
     for _, r in rows.iterrows():
-        mp = _mask_path(r)
+        mp = mask_path(r)
         if mp is None or not mp.is_file(): raise FileNotFoundError(f"{r['file']}: its mask {mp} does not exist")
         paths.append(str(mp))
     _, _, m = learner_inputs(learn, rows.assign(path=paths))
     return m > 0.5
 
+# %% ../nbs/09_audit.ipynb #3456293f
 def cam_lung_stats(cams:np.ndarray, # (n, H, W) heatmaps in [0, 1]
                    lungs:np.ndarray, # (n, H, W) boolean lung masks, aligned with `cams`
                   )->dict:
@@ -391,41 +264,37 @@ def cam_lung_stats(cams:np.ndarray, # (n, H, W) heatmaps in [0, 1]
     return dict(cam_in_lungs=(c * l).sum(1) / np.clip(c.sum(1), 1e-12, None), lung_area=l.mean(1),
                 peak_in_lungs=l[np.arange(n), c.argmax(1)].astype(float))
 
+# %% ../nbs/09_audit.ipynb #ba867617
 def cam_in_lungs(learn, # a trained fastai Learner
                  df:pd.DataFrame, # rows to check (e.g. the test split); only rows with a `mask` are used
-                 method:str='gradcam', # 'gradcam' or 'gradcam++'
+                 split:str|None=None, # name of the split `df` holds, for the report (default: from `df.split`)
                  n_boot:int=1000, # bootstrap resamples
                  seed:int=42, # bootstrap seed
-                 split:str|None=None, # name of the split `df` holds, for the report (default: from `df.split`)
+                 method:str='gradcam', # 'gradcam' or 'gradcam++'
                 )->dict:
     "How much of each Grad-CAM (predicted class) lies inside the lungs, against the lungs' share of the image; patient-bootstrap CIs."
     from covidcxr.interpret import learner_inputs, grad_cam
-    vocab = list(learn.dls.vocab)
-    rows = df[has_mask(df)]
-    rows = rows[rows.label.isin(vocab)].reset_index(drop=True)
-    if not len(rows): raise ValueError("none of these rows has a lung mask (`mask` column)")
+    rows, vocab, head = _lung_check_rows(learn, df, split)
     lungs = lung_masks_as_seen(learn, rows)
     x, _, _ = learner_inputs(learn, rows)
     cams, probs = grad_cam(learn.model, x, method=method)
     st = cam_lung_stats(cams, lungs)
-    pid = rows.patient_id.values
-    bs = lambda a: patient_bootstrap(lambda w: np.average(a, weights=w), pid, n_boot, seed)
-    return dict(split=split or (','.join(sorted(rows.split.unique())) if 'split' in rows else 'given rows'),
-                n_images=len(rows), n_patients=int(rows.patient_id.nunique()), labels=rows.label.value_counts().to_dict(),
-                method=method, target='predicted class',
-                cam_in_lungs=bs(st['cam_in_lungs']), lung_area=bs(st['lung_area']),
-                excess=bs(st['cam_in_lungs'] - st['lung_area']), peak_in_lungs=bs(st['peak_in_lungs']),
+    cis = patient_cis(dict(cam_in_lungs=weighted_mean(st['cam_in_lungs']), lung_area=weighted_mean(st['lung_area']),
+                           excess=weighted_mean(st['cam_in_lungs'] - st['lung_area']), peak_in_lungs=weighted_mean(st['peak_in_lungs'])),
+                      rows.patient_id.values, n_boot, seed)
+    return dict(**head, method=method, target='predicted class', **cis,
                 images=[dict(file=f, label=l, predicted=vocab[int(p.argmax())], cam_in_lungs=float(a), lung_area=float(b),
                              peak_in_lungs=bool(c))
                         for f, l, p, a, b, c in zip(rows.file, rows.label, probs, st['cam_in_lungs'], st['lung_area'], st['peak_in_lungs'])])
 
+# %% ../nbs/09_audit.ipynb #6ee01d0c
 def cam_lung_summary(res:dict)->str:
     "The Grad-CAM-in-the-lungs check as a few readable lines."
     return '\n'.join([
         f"{res['method']} inside the lungs on the {res['split']} split: {res['n_images']} images of {res['n_patients']} patients with masks ({res['labels']})",
-        f"  share of the heat inside the lungs: {_ci(res['cam_in_lungs'])}; the lungs cover {_ci(res['lung_area'])} of the image",
-        f"  (what a heatmap blind to anatomy would score): excess {_ci(res['excess'])}",
-        f"  hottest point inside the lungs: {_ci(res['peak_in_lungs'])} of images"])
+        f"  share of the heat inside the lungs: {fmt_ci(res['cam_in_lungs'])}; the lungs cover {fmt_ci(res['lung_area'])} of the image",
+        f"  (what a heatmap blind to anatomy would score): excess {fmt_ci(res['excess'])}",
+        f"  hottest point inside the lungs: {fmt_ci(res['peak_in_lungs'])} of images"])
 
 # %% ../nbs/09_audit.ipynb #6db72fc8
 def load_splits(splits_csv, # a run's splits.csv (`file` and `split` columns)
@@ -440,6 +309,7 @@ def load_splits(splits_csv, # a run's splits.csv (`file` and `split` columns)
     if gone: raise DatasetError(f"{splits_csv}: {len(gone)} file(s) are not in the dataset, e.g. {gone[:3]}")
     return df.merge(s[['file', 'split']], on='file', how='inner')
 
+# %% ../nbs/09_audit.ipynb #63e138d0
 def run_audit(data=None, # dataset folder (default: `data_root()`)
               recipe:str='covid_vs_pneumonia_146', # recipe name (ignored if `splits` is given, except in the report)
               splits=None, # a run's splits.csv (default: the recipe split by patient with `seed`)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_evaluate.ipynb #b5f9d19e
 from __future__ import annotations
-import inspect, json, math, time
+import inspect, math, time
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from scipy import stats
@@ -14,9 +14,10 @@ from fastcore.all import *
 from .core import *
 
 # %% auto #0
-__all__ = ['PER_CLASS', 'check_predictions', 'metric_arrays', 'patient_weights', 'bootstrap_ci', 'CXRMetrics', 'evaluate',
-           'choose_threshold', 'threshold_metrics', 'operating_point', 'predict_split', 'evaluate_learner',
-           'patient_kfold', 'train_fold', 'CVResult', 'cross_validate']
+__all__ = ['PER_CLASS', 'check_predictions', 'class_aucs', 'macro_auc', 'metric_arrays', 'patient_weights', 'bootstrap_ci',
+           'weighted_mean', 'patient_cis', 'CXRMetrics', 'evaluate', 'choose_threshold', 'threshold_metrics',
+           'operating_point', 'predict_split', 'evaluate_learner', 'patient_kfold', 'train_fold', 'CVResult',
+           'cross_validate']
 
 # %% ../nbs/06_evaluate.ipynb #4542b4e8
 def _np(x)->np.ndarray:
@@ -55,6 +56,26 @@ def _weighted_auc(score, pos, W):
     below = np.cumsum(Wn, 1) - Wn                                        # negatives scored strictly lower
     return (Wp * (below + 0.5 * Wn)).sum(1) / (Wp.sum(1) * Wn.sum(1))
 
+# %% ../nbs/06_evaluate.ipynb #f666b847
+def class_aucs(probs:np.ndarray, # (n, C) class probabilities
+               targets:np.ndarray, # (n,) class indices
+               W:np.ndarray, # (B, n) weights: a row of ones, or bootstrap resamples
+              )->list:
+    "Each class's one-vs-rest ROC AUC, one value per row of `W`; with two classes both equal the binary AUC of p1."
+    W, C = np.atleast_2d(W).astype(np.float64), probs.shape[1]
+    # two classes: one score (p1) for both, so both AUCs are exactly equal, as sklearn's binary AUC
+    score = lambda c: probs[:, c] if C > 2 else (probs[:, 1] if c == 1 else -probs[:, 1])
+    with np.errstate(divide='ignore', invalid='ignore'): return [_weighted_auc(score(c), targets == c, W) for c in range(C)]
+
+# %% ../nbs/06_evaluate.ipynb #f1113169
+def macro_auc(probs:np.ndarray, # (n, C) class probabilities (or out-of-fold scores of any classifier)
+              targets:np.ndarray, # (n,) class indices
+              W:np.ndarray, # (B, n) weights: a row of ones, or bootstrap resamples
+             )->np.ndarray:
+    "The ROC AUC (binary for two classes, else the one-vs-rest macro mean) for each row of `W`; NaN where a class is missing."
+    return np.mean(class_aucs(probs, targets, W), 0)
+
+# %% ../nbs/06_evaluate.ipynb #667d6242
 def _weighted_ece(probs, targets, W, n_bins=10):
     "Expected calibration error of the top-class confidence, equal-width bins, for each row of `W`."
     conf, correct = probs.max(1), (probs.argmax(1) == targets)
@@ -68,8 +89,9 @@ PER_CLASS = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1', 'auc', 'prevalenc
 def metric_arrays(probs, targets, vocab, W, n_bins:int=10)->dict:
     "Every metric as an array with one value per row of the weight matrix `W` (NaN where undefined)."
     W = np.atleast_2d(W).astype(np.float64)
-    pred, N, out, aucs = probs.argmax(1), W.sum(1), {}, []
+    pred, N, out = probs.argmax(1), W.sum(1), {}
     with np.errstate(divide='ignore', invalid='ignore'):
+        aucs = class_aucs(probs, targets, W)
         out['accuracy'] = W @ (pred == targets) / N
         for c, name in enumerate(vocab):
             pos, hit = targets == c, pred == c
@@ -77,11 +99,9 @@ def metric_arrays(probs, targets, vocab, W, n_bins:int=10)->dict:
             out[f'{name}/sensitivity'], out[f'{name}/specificity'] = tp / (tp + fn), tn / (tn + fp)
             out[f'{name}/ppv'], out[f'{name}/npv'] = tp / (tp + fp), tn / (tn + fn)
             out[f'{name}/f1'] = 2 * tp / (2 * tp + fp + fn)
-            # two classes: one score (p1) for both, so both AUCs are exactly equal, as sklearn's binary AUC
-            score = probs[:, c] if len(vocab) > 2 else (probs[:, 1] if c == 1 else -probs[:, 1])
-            out[f'{name}/auc'] = _weighted_auc(score, pos, W); aucs.append(out[f'{name}/auc'])
+            out[f'{name}/auc'] = aucs[c]
             out[f'{name}/prevalence'] = (tp + fn) / N
-        out['macro_auc'] = np.mean(aucs, 0)   # NaN if any class's AUC is undefined in that resample
+        out['macro_auc'] = np.mean(aucs, 0)   # NaN if any class's AUC is undefined in that resample (as `macro_auc`)
         out['ece'] = _weighted_ece(probs, targets, W, n_bins)
     return out
 
@@ -124,6 +144,24 @@ def bootstrap_ci(stat_fn, # function of a weight matrix (B, n) returning {name: 
         res[k] = dict(value=val, ci_low=float(min(lo, val)), ci_high=float(max(hi, val)))
     return res, skipped
 
+# %% ../nbs/06_evaluate.ipynb #3de00c05
+def weighted_mean(a, # (n,) one value per image (booleans count as 0 / 1)
+                 ):
+    "A statistic for `bootstrap_ci`: the mean of `a` under each row of a weight matrix `W` (B, n)."
+    a = np.asarray(a, dtype=np.float64)
+    return lambda W: np.atleast_2d(W) @ a / np.atleast_2d(W).sum(1)
+
+# %% ../nbs/06_evaluate.ipynb #86856317
+def patient_cis(stats:dict, # {name: statistic}: each a function of a weight matrix W (B, n) -> B values
+                patient_ids, # (n,) patient of each image: the resampling unit
+                n_boot:int=2000, # resamples
+                seed:int=42, # makes the intervals reproducible
+                level:float=0.95, # confidence level
+               )->dict:
+    "`{name: {value, ci_low, ci_high}}` from one `bootstrap_ci` over patients; None where a figure or its interval is undefined."
+    ci, _ = bootstrap_ci(lambda W: {k: f(W) for k, f in stats.items()}, patient_ids, n_boot, seed, level)
+    return {k: {q: float(x) if np.isfinite(x) else None for q, x in v.items()} for k, v in ci.items()}
+
 # %% ../nbs/06_evaluate.ipynb #b0f4981f
 class CXRMetrics:
     "Metrics of one split with patient-bootstrap 95% CIs; holds the predictions for plots and galleries."
@@ -156,7 +194,7 @@ class CXRMetrics:
         for k, v in self.metrics.items():
             cls, name = k.split('/') if '/' in k else ('all', k)
             rows.append(dict(metric=name, cls=cls, value=v['value'], ci_low=v['ci_low'], ci_high=v['ci_high'],
-                             ci=_fmt(v), skipped=self.skipped.get(k, 0)))
+                             ci=fmt_ci(v, label=''), skipped=self.skipped.get(k, 0)))
         return pd.DataFrame(rows)
 
     def to_dict(self)->dict:
@@ -175,19 +213,15 @@ class CXRMetrics:
     def summary_line(self)->str:
         "Accuracy and macro AUC with their 95% CIs, and the split they are on, in words."
         m = self.metrics
-        s = f"{self.split} split ({self.n_images} images of {self.n_patients} patients): accuracy {_fmt(m['accuracy'])}"
-        return s + (f", macro AUC {_fmt(m['macro_auc'])}" if np.isfinite(m['macro_auc']['value']) else '') + ' (95% CI, patient bootstrap)'
+        s = f"{self.split} split ({self.n_images} images of {self.n_patients} patients): accuracy {fmt_ci(m['accuracy'], label='')}"
+        return s + (f", macro AUC {fmt_ci(m['macro_auc'], label='')}" if np.isfinite(m['macro_auc']['value']) else '') + ' (95% CI, patient bootstrap)'
 
     def __repr__(self):
         m = self.metrics
-        s = f"CXRMetrics(split={self.split!r}, {self.n_images} images of {self.n_patients} patients: accuracy {_fmt(m['accuracy'])}"
-        return s + (f", macro AUC {_fmt(m['macro_auc'])})" if np.isfinite(m['macro_auc']['value']) else ')')
+        s = f"CXRMetrics(split={self.split!r}, {self.n_images} images of {self.n_patients} patients: accuracy {fmt_ci(m['accuracy'], label='')}"
+        return s + (f", macro AUC {fmt_ci(m['macro_auc'], label='')})" if np.isfinite(m['macro_auc']['value']) else ')')
 
 def _num(x): return None if x is None or not np.isfinite(x) else float(x)
-def _fmt(v, d=3):
-    if not np.isfinite(v['value']): return 'undefined'
-    if not np.isfinite(v['ci_low']): return f"{v['value']:.{d}f}"
-    return f"{v['value']:.{d}f} ({v['ci_low']:.{d}f}-{v['ci_high']:.{d}f})"
 
 # %% ../nbs/06_evaluate.ipynb #9cc00688
 def evaluate(probs, # (n, C) class probabilities (softmax outputs)
@@ -234,7 +268,7 @@ def plot_roc(self:CXRMetrics, figsize=(5, 5)):
         pos = self.targets == c
         if pos.all() or not pos.any(): continue
         fpr, tpr, _ = roc_curve(pos, self.probs[:, c])
-        ax.plot(fpr, tpr, label=f"{name} vs rest: AUC {_fmt(self.metrics[f'{name}/auc'])}")
+        ax.plot(fpr, tpr, label=f"{name} vs rest: AUC {fmt_ci(self.metrics[f'{name}/auc'], label='')}")
     ax.plot([0, 1], [0, 1], ':', color='grey')
     ax.set_xlabel('1 - specificity (false positive rate)'); ax.set_ylabel('sensitivity (true positive rate)')
     ax.set_title(f'ROC, {self.split} split ({self.n_patients} patients)'); ax.legend(loc='lower right', fontsize=8)
@@ -256,7 +290,7 @@ def plot_reliability(self:CXRMetrics, figsize=(5, 5)):
     ax.plot([0, 1], [0, 1], ':', color='grey')
     ax.set_xlim(0, 1); ax.set_ylim(0, 1.08)
     ax.set_xlabel('confidence (top-class probability)'); ax.set_ylabel('accuracy in bin (number: images)')
-    ax.set_title(f"Reliability, {self.split} split: ECE {_fmt(self.metrics['ece'])}", fontsize=10)
+    ax.set_title(f"Reliability, {self.split} split: ECE {fmt_ci(self.metrics['ece'], label='')}", fontsize=10)
     fig.tight_layout(); return fig
 
 # %% ../nbs/06_evaluate.ipynb #02a4d3eb
@@ -376,7 +410,7 @@ class CVResult:
     def fold_table(self, metrics=('accuracy', 'macro_auc'))->pd.DataFrame:
         "One row per fold: held-out size and each metric with its bootstrap CI."
         rows = [dict(fold=i, n_images=f.n_images, n_patients=f.n_patients, seconds=round(s, 1),
-                     **{m: _fmt(f.metrics[m]) for m in metrics}) for i, (f, s) in enumerate(zip(self.folds, self.seconds))]
+                     **{m: fmt_ci(f.metrics[m], label='') for m in metrics}) for i, (f, s) in enumerate(zip(self.folds, self.seconds))]
         return pd.DataFrame(rows)
 
     def summary(self, level:float=0.95)->dict:
@@ -393,9 +427,9 @@ class CVResult:
         "Folds, then the mean over folds (t-interval) and the pooled out-of-fold estimate (patient bootstrap)."
         s = self.summary()
         t = self.fold_table(metrics).astype({'fold': object})
-        extra = [dict(fold=f'mean of {self.k} folds (t-interval)', **{m: _fmt(s[m]) for m in metrics}),
+        extra = [dict(fold=f'mean of {self.k} folds (t-interval)', **{m: fmt_ci(s[m], label='') for m in metrics}),
                  dict(fold='pooled out-of-fold (patient bootstrap)', n_images=self.pooled.n_images,
-                      n_patients=self.pooled.n_patients, **{m: _fmt(self.pooled.metrics[m]) for m in metrics})]
+                      n_patients=self.pooled.n_patients, **{m: fmt_ci(self.pooled.metrics[m], label='') for m in metrics})]
         return pd.concat([t, pd.DataFrame(extra)], ignore_index=True)
 
     def to_dict(self)->dict:
@@ -405,7 +439,7 @@ class CVResult:
 
     def __repr__(self):
         s = self.summary()
-        return (f"CVResult({self.k}-fold by patient: accuracy {_fmt(s['accuracy'])}, macro AUC {_fmt(s['macro_auc'])} "
+        return (f"CVResult({self.k}-fold by patient: accuracy {fmt_ci(s['accuracy'], label='')}, macro AUC {fmt_ci(s['macro_auc'], label='')} "
                 f"(mean over folds, t-interval); {sum(self.seconds):.0f}s)")
 
 # %% ../nbs/06_evaluate.ipynb #81c3c805

@@ -13,7 +13,7 @@ from .core import *
 from .data import *
 from .learner import *
 from .evaluate import *
-from .audit import duplicate_groups, recipe_split
+from .hashing import recipe_split
 _all_ = ['recipe_split']   # part of this module's API too: `from covidcxr.presets import *` gives the one split
 
 # %% auto #0

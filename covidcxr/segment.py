@@ -4,16 +4,16 @@
 
 # %% ../nbs/14_segment.ipynb #e73201b5
 from __future__ import annotations
-import hashlib, shutil
 from pathlib import Path
-import numpy as np, pandas as pd, torch, timm
+import numpy as np, pandas as pd, timm
 from PIL import Image
 from fastai.vision.all import *
 from .core import *
 from .dicom import read_cxr, CXRReadError
 from .data import cxr_image_cls
 from .learner import resolve_weights
-from .audit import patient_bootstrap, apply_lung_mask, has_mask, _mask_path, _ci
+from .masks import mask_path, has_mask, apply_lung_mask
+from .evaluate import patient_cis, weighted_mean
 
 # %% auto #0
 __all__ = ['SEG_CODES', 'lung_mask', 'lung_seg_dls', 'lung_unet', 'lung_seg_learner', 'dice_iou', 'evaluate_segmentation',
@@ -24,7 +24,7 @@ SEG_CODES = ['background', 'lung']
 
 def lung_mask(row)->PILMask:
     "The row's lung mask as a fastai mask with values 0 (background) and 1 (lung)."
-    mp = _mask_path(row)
+    mp = mask_path(row)
     if mp is None or not mp.is_file(): raise FileNotFoundError(f"{row['file']}: its lung mask {mp} does not exist")
     return PILMask.create((np.asarray(Image.open(mp).convert('L')) > 127).astype(np.uint8))
 
@@ -95,9 +95,8 @@ def evaluate_segmentation(learn:Learner, # a trained lung U-Net
     dl = learn.dls.test_dl(rows, with_labels=True, rm_type_tfms=0)  # rows in, as in training
     with learn.no_bar(): p, t = learn.get_preds(dl=dl)
     d, j = dice_iou(p.argmax(1).numpy() == 1, t.numpy() == 1)
-    pid = rows.patient_id.values
-    bs = lambda a: patient_bootstrap(lambda w: np.average(a, weights=w), pid, n_boot, seed)
-    return dict(split=split, n_images=len(rows), n_patients=int(rows.patient_id.nunique()), dice=bs(d), iou=bs(j),
+    cis = patient_cis(dict(dice=weighted_mean(d), iou=weighted_mean(j)), rows.patient_id.values, n_boot, seed)
+    return dict(split=split, n_images=len(rows), n_patients=int(rows.patient_id.nunique()), **cis,
                 per_image=pd.DataFrame(dict(file=rows.file, dice=d, iou=j)))
 
 # %% ../nbs/14_segment.ipynb #6146ad4e

@@ -164,7 +164,7 @@ def test_train_run_folder_is_atomic(tmp_path, shared):
 def test_audit_and_train_use_the_same_split(tmp_path, shared):
     "`covidcxr audit --recipe R` (no --splits) checks exactly the split `covidcxr train --recipe R` trains on, file by file."
     from covidcxr.data import RECIPES
-    from covidcxr.audit import recipe_split
+    from covidcxr.hashing import recipe_split
     for r in RECIPES:
         out = tmp_path/r
         res = cli('audit', '--recipe', r, '--no-source-check', '--out', out)

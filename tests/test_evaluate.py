@@ -4,7 +4,9 @@ import numpy as np, pandas as pd, pytest
 from sklearn.metrics import (accuracy_score, recall_score, precision_score, f1_score, roc_auc_score,
                              confusion_matrix)
 from covidcxr.evaluate import (metric_arrays, patient_weights, bootstrap_ci, evaluate, choose_threshold,
-                               threshold_metrics, patient_kfold, operating_point)
+                               threshold_metrics, patient_kfold, operating_point, macro_auc, class_aucs,
+                               weighted_mean, patient_cis)
+from covidcxr.core import fmt_ci
 
 
 def _preds(n, C, seed, signal=1.0):
@@ -156,3 +158,35 @@ def test_kfold_grouped_stratified_and_seeded():
     per_fold = a.groupby('fold').apply(lambda g: g.drop_duplicates('patient_id').label.value_counts())
     assert per_fold.min() >= 5   # 30 patients per label over 5 folds, 6 each give or take one
     with pytest.raises(ValueError, match='at least 5 patients per label'): patient_kfold(df.head(6), 5)
+
+
+@pytest.mark.parametrize('C,seed', [(2, 11), (3, 12), (4, 13)])
+def test_macro_auc_is_sklearns_weighted_auc(C, seed):
+    "the kit's one AUC (used by metric_arrays and the audit) equals scikit-learn's, with and without weights"
+    p, t = _preds(70, C, seed)
+    w = np.random.default_rng(seed + 100).integers(0, 3, 70)   # not the stream `_preds` drew the targets from
+    ref = (lambda **kw: roc_auc_score(t, p[:, 1], **kw)) if C == 2 else \
+          (lambda **kw: roc_auc_score(t, p, multi_class='ovr', average='macro', labels=np.arange(C), **kw))
+    assert macro_auc(p, t, np.ones(70))[0] == pytest.approx(ref())
+    assert np.isfinite(ref(sample_weight=w)) and macro_auc(p, t, w[None])[0] == pytest.approx(ref(sample_weight=w))
+    assert len(class_aucs(p, t, np.ones((3, 70)))) == C
+    assert macro_auc(p, t, np.ones(70))[0] == pytest.approx(metric_arrays(p, t, [str(i) for i in range(C)], np.ones(70))['macro_auc'][0])
+
+
+def test_patient_cis_is_bootstrap_ci_with_json_nones():
+    p, t = _preds(60, 2, 21)
+    pids = np.repeat(np.arange(30), 2)
+    ref, _ = bootstrap_ci(lambda W: metric_arrays(p, t, ['a', 'b'], W), pids, n_boot=400, seed=3)
+    got = patient_cis({'acc': weighted_mean(p.argmax(1) == t), 'auc': lambda W: macro_auc(p, t, W)}, pids, n_boot=400, seed=3)
+    assert got['acc'] == pytest.approx(ref['accuracy']) and got['auc'] == pytest.approx(ref['macro_auc'])
+    one_class = patient_cis({'auc': lambda W: macro_auc(p, np.zeros(60, int), W)}, pids, n_boot=50)
+    assert one_class['auc'] == dict(value=None, ci_low=None, ci_high=None)
+
+
+def test_tables_use_the_one_formatter():
+    p, t = _preds(40, 2, 31)
+    r = evaluate(p, t, ['a', 'b'], np.arange(40), n_boot=200)
+    row = r.table().set_index('metric').loc['accuracy']
+    assert row.ci == fmt_ci(r['accuracy'], label='')
+    assert row.ci == f"{row.value:.3f} ({row.ci_low:.3f}-{row.ci_high:.3f})"
+    assert fmt_ci(r['accuracy'], label='') in r.summary_line() and '95% CI' in r.summary_line()
