@@ -386,7 +386,7 @@ def check_model_config(cfg, # the parsed config.json
         x = cfg[f]
         if not isinstance(x, list) or len(x) != cfg['n_in'] or not all(_is_num(y) for y in x):
             bad(f, f"{x!r}: expected a list of {cfg['n_in']} finite number(s), one per input channel")
-    if not all(y > 0 for y in cfg['std']): bad('std', f"{cfg['std']!r}: every value must be above 0 (images are divided by it)")
+    if not all(y > 0 for y in cfg['std']): bad('std', f"{cfg['std']!r}: every value must be above 0 (a std that is 0 or not finite makes every probability NaN)")
     t = cfg.get('temperature')
     if t is not None and (not _is_num(t) or t <= 0): bad('temperature', f'{t!r}: expected none, or a finite number above 0')
     mk = cfg.get('model_kwargs', {})
