@@ -12,10 +12,11 @@ from .core import *
 from .dicom import read_cxr, CXRReadError
 
 # %% auto #0
-__all__ = ['HASHES', 'dhash', 'ahash', 'hamming', 'image_hashes', 'LeakageReport', 'leakage_report', 'duplicate_groups',
-           'recipe_split', 'image_features', 'patient_bootstrap', 'source_shortcut_check', 'source_summary',
-           'apply_lung_mask', 'has_mask', 'masked_copies', 'masked_rescore', 'masked_summary', 'lung_masks_as_seen',
-           'cam_lung_stats', 'cam_in_lungs', 'cam_lung_summary', 'load_splits', 'run_audit']
+__all__ = ['HASHES', 'MIN_AUDIT_IMAGES', 'dhash', 'ahash', 'hamming', 'image_hashes', 'LeakageReport', 'leakage_report',
+           'duplicate_groups', 'recipe_split', 'image_features', 'patient_bootstrap', 'source_shortcut_check',
+           'source_summary', 'apply_lung_mask', 'has_mask', 'masked_copies', 'masked_rescore', 'masked_summary',
+           'lung_masks_as_seen', 'cam_lung_stats', 'cam_in_lungs', 'cam_lung_summary', 'tiny_audit_warning',
+           'load_splits', 'run_audit']
 
 # %% ../nbs/09_audit.ipynb #ed63209b
 def dhash(img:Image.Image, # any PIL image (converted to grayscale)
@@ -427,6 +428,19 @@ def cam_lung_summary(res:dict)->str:
         f"  (what a heatmap blind to anatomy would score): excess {_ci(res['excess'])}",
         f"  hottest point inside the lungs: {_ci(res['peak_in_lungs'])} of images"])
 
+# %% ../nbs/09_audit.ipynb #f6f8b405
+MIN_AUDIT_IMAGES = 20
+
+def tiny_audit_warning(tab:pd.DataFrame, # the audited table (with `split`)
+                      )->str|None:
+    "A warning when `tab` is too small for an audit to say anything (None when it is not)."
+    n = tab.split.value_counts().sort_index() if len(tab) else pd.Series(dtype=int)
+    if len(tab) >= MIN_AUDIT_IMAGES and (n > 0).sum() >= 2: return None
+    per = ', '.join(f'{s} {c}' for s, c in n.items()) or 'none'
+    return (f"warning: only {len(tab)} image(s), in {len(n)} split(s) ({per}): too few for this audit to say anything; "
+            f"'no leakage found' means only that these few images did not match, and no check here is evidence "
+            f"(at least {MIN_AUDIT_IMAGES} images in two or more splits are needed)")
+
 # %% ../nbs/09_audit.ipynb #6db72fc8
 def load_splits(splits_csv, # a run's splits.csv (`file` and `split` columns)
                 df:pd.DataFrame, # the dataset table (`load_dataset`)
@@ -458,6 +472,8 @@ def run_audit(data=None, # dataset folder (default: `data_root()`)
     leak = leakage_report(tab, threshold=threshold)
     res = dict(data=str(data_root(data)), table=how, n_images=len(tab), leakage=leak.to_dict())
     parts = [f"audit of {how}: {len(tab)} images", leak.summary()]
+    warn = tiny_audit_warning(tab)
+    if warn: res['warning'] = warn; parts.insert(0, warn)
     if source_check:
         src = source_shortcut_check(tab, size=size, seed=seed)
         res['source'] = src; parts.append(source_summary(src))
