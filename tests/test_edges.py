@@ -90,3 +90,12 @@ def test_large_16bit_png_decoded_reduced(tmp_path, shared):
     ref = np.asarray(film.resize((2500, 2500), Image.Resampling.BILINEAR), np.float64)
     assert np.corrcoef(np.asarray(im, np.float64).ravel(), ref.ravel())[0, 1] > 0.99
     assert PILCXR.create(tmp_path/'big16.png').size == (2500, 2500)  # the DataBlock's reader takes the same path
+
+def test_evaluate_out_checked_before_any_work(model_dir, tmp_path, capsys):
+    (tmp_path/'a_file').write_text('x')
+    for out, why in [('/proc/covidcxr-x', 'cannot write there'), (str(tmp_path/'a_file'), 'exists and is not a folder'),
+                     (str(tmp_path/'a_file'/'sub'), 'is not a folder')]:
+        assert main(['evaluate', '--model', str(model_dir), '--out', out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f'covidcxr evaluate: error: --out {out}: ') and why in err and '\n' not in err, err
+    assert not [p for p in tmp_path.iterdir() if p.name != 'a_file']  # the probe left nothing behind
