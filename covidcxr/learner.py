@@ -426,8 +426,11 @@ def check_run_folder(run, # a run folder (`train_run` / `covidcxr train --out`)
     "A run folder's parts must come from one run: metrics.json present, with the model's split id."
     m = Path(run)/'metrics.json'
     if not m.is_file(): raise ValueError(f"{run}: incomplete run folder: model/ without metrics.json (an interrupted run?)")
-    try: sid = json.loads(m.read_text())['split']['split_id']
-    except (ValueError, KeyError, TypeError) as e: raise ValueError(f"{m}: not a covidcxr run's metrics.json ({e!r})") from e
+    try: sid = json.loads(m.read_bytes())['split']['split_id']
+    except ValueError as e:
+        where = f' at line {e.lineno} column {e.colno}' if hasattr(e, 'lineno') else ''
+        raise ValueError(f"{m}: not valid JSON{where} ({getattr(e, 'msg', None) or type(e).__name__})") from None
+    except (KeyError, TypeError): raise ValueError(f"{m}: field 'split.split_id' missing: not a covidcxr run's metrics.json") from None
     if cfg.get('split_id') and sid != cfg['split_id']:
         raise ValueError(f"{run}: model/config.json (split {cfg['split_id']}) and metrics.json (split {sid}) come from different runs")
 

@@ -236,7 +236,10 @@ def prepare_from_csv(csv_path, # CSV with at least a file and a label column
         name = f or f'(row {i+2})'
         if not f or not label: skipped.append((name, f'row {i+2}: empty {file_col if not f else label_col}')); continue
         src = Path(f) if Path(f).is_absolute() else root/f
-        if not src.is_file(): skipped.append((f, f'row {i+2}: no such file ({src})')); continue
+        if not src.is_file():
+            why = ('dangling symlink' if os.path.islink(src) and not src.exists() else 'a folder, not a file' if src.is_dir()
+                   else 'not a regular file' if src.exists() else 'no such file')
+            skipped.append((f, f'row {i+2}: {why} ({escape_path(src)})')); continue
         key = src.resolve()
         if key in seen: skipped.append((f, f'row {i+2}: listed twice (the first row was used)')); continue
         seen.add(key)
