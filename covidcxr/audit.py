@@ -15,9 +15,9 @@ from .masks import mask_path, has_mask, masked_copies
 from .evaluate import patient_cis, weighted_mean, macro_auc
 
 # %% auto #0
-__all__ = ['LeakageReport', 'leakage_report', 'image_features', 'source_shortcut_check', 'source_summary', 'masked_rescore',
-           'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats', 'cam_in_lungs', 'cam_lung_summary', 'load_splits',
-           'run_audit']
+__all__ = ['MIN_AUDIT_IMAGES', 'LeakageReport', 'leakage_report', 'image_features', 'source_shortcut_check', 'source_summary',
+           'masked_rescore', 'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats', 'cam_in_lungs',
+           'cam_lung_summary', 'tiny_audit_warning', 'load_splits', 'run_audit']
 
 # %% ../nbs/09_audit.ipynb #246ea541
 class LeakageReport:
@@ -296,6 +296,19 @@ def cam_lung_summary(res:dict)->str:
         f"  (what a heatmap blind to anatomy would score): excess {fmt_ci(res['excess'])}",
         f"  hottest point inside the lungs: {fmt_ci(res['peak_in_lungs'])} of images"])
 
+# %% ../nbs/09_audit.ipynb #f6f8b405
+MIN_AUDIT_IMAGES = 20
+
+def tiny_audit_warning(tab:pd.DataFrame, # the audited table (with `split`)
+                      )->str|None:
+    "A warning when `tab` is too small for an audit to say anything (None when it is not)."
+    n = tab.split.value_counts().sort_index() if len(tab) else pd.Series(dtype=int)
+    if len(tab) >= MIN_AUDIT_IMAGES and (n > 0).sum() >= 2: return None
+    per = ', '.join(f'{s} {c}' for s, c in n.items()) or 'none'
+    return (f"warning: only {len(tab)} image(s), in {len(n)} split(s) ({per}): too few for this audit to say anything; "
+            f"'no leakage found' means only that these few images did not match, and no check here is evidence "
+            f"(at least {MIN_AUDIT_IMAGES} images in two or more splits are needed)")
+
 # %% ../nbs/09_audit.ipynb #6db72fc8
 def load_splits(splits_csv, # a run's splits.csv (`file` and `split` columns)
                 df:pd.DataFrame, # the dataset table (`load_dataset`)
@@ -328,6 +341,8 @@ def run_audit(data=None, # dataset folder (default: `data_root()`)
     leak = leakage_report(tab, threshold=threshold)
     res = dict(data=str(data_root(data)), table=how, n_images=len(tab), leakage=leak.to_dict())
     parts = [f"audit of {how}: {len(tab)} images", leak.summary()]
+    warn = tiny_audit_warning(tab)
+    if warn: res['warning'] = warn; parts.insert(0, warn)
     if source_check:
         src = source_shortcut_check(tab, size=size, seed=seed)
         res['source'] = src; parts.append(source_summary(src))

@@ -339,8 +339,23 @@ def cmd_train(a)->int:
     print(f'run folder: {a.out}')
     return EXIT_OK
 
+def _check_writable(out, # the folder a command will write (need not exist yet)
+                    flag:str='--out', # the option that named it, for the message
+                   ):
+    "Fail now (exit 2), before any work, if `out` cannot be written: probe its nearest existing folder with a temporary file."
+    import tempfile
+    p = Path(out).absolute()
+    if p.exists() and not p.is_dir(): raise CLIError(f'{flag} {out}: exists and is not a folder', EXIT_USAGE)
+    q = p
+    while not q.exists(): q = q.parent
+    if not q.is_dir(): raise CLIError(f'{flag} {out}: {q} is not a folder', EXIT_USAGE)
+    try:
+        with tempfile.TemporaryFile(dir=q): pass
+    except OSError as e: raise CLIError(f'{flag} {out}: cannot write there ({e.strerror or e}); choose a writable folder', EXIT_USAGE) from None
+
 def cmd_evaluate(a)->int:
     if not Path(a.model).is_dir(): raise CLIError(f'--model {a.model}: no such folder', EXIT_USAGE)
+    _check_writable(a.out or a.model, '--out' if a.out else '--model (the report goes inside it without --out)')
     if a.external:
         if a.split: raise CLIError('--split does not apply with --external: every usable row of --data is scored', EXIT_USAGE)
         if not a.data: raise CLIError('--external needs --data DIR, the external dataset folder', EXIT_USAGE)

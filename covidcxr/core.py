@@ -4,14 +4,15 @@
 
 # %% ../nbs/00_core.ipynb #0ec15b55
 from __future__ import annotations
-import os, random, sys
+import os, random, sys, tempfile
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, torch
 from fastcore.all import *
 
 # %% auto #0
 __all__ = ['ENV_DATA', 'cache_dir', 'DataNotFoundError', 'data_root', 'seed_everything', 'default_device', 'num_workers',
-           'is_interactive', 'fmt_ci']
+           'is_interactive', 'fmt_ci', 'atomic_file', 'escape_path']
 
 # %% ../nbs/00_core.ipynb #c7cc6c91
 ENV_DATA = 'COVIDCXR_DATA'
@@ -81,3 +82,35 @@ def fmt_ci(m:dict|None, # `{'value', 'ci_low', 'ci_high'}` (bounds may be missin
     s = f"{float(m['value']):.{digits}f}"
     lo, hi = m.get('ci_low'), m.get('ci_high')
     return s + (f" ({label}{float(lo):.{digits}f}-{float(hi):.{digits}f})" if ok(lo) and ok(hi) else ' (no CI)')
+
+# %% ../nbs/00_core.ipynb #84342189
+def _umask()->int:
+    "The process's umask, read without changing it where Linux allows."
+    try:
+        with open('/proc/self/status') as f:
+            for l in f:
+                if l.startswith('Umask:'): return int(l.split()[1], 8)
+    except (OSError, ValueError): pass
+    m = os.umask(0o022); os.umask(m); return m
+
+@contextmanager
+def atomic_file(path, # the file to write (its folder must exist)
+               ):
+    "Yield a temporary path beside `path`; on success it is renamed onto `path` (normal permissions), on error removed."
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name[:100]}.', suffix='.tmp', dir=path.parent)
+    os.close(fd); tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True); raise
+
+# %% ../nbs/00_core.ipynb #119ff7b2
+def escape_path(p, # a path (str, Path or bytes), possibly with undecodable bytes or control characters
+               )->str:
+    "Printable one-line text for a path: undecodable bytes as `\\xNN`, control characters escaped, the rest unchanged."
+    b = p if isinstance(p, bytes) else os.fsencode(str(p))
+    s = b.decode('utf-8', 'backslashreplace')
+    return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in s)

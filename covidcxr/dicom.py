@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_dicom.ipynb #3506daae
 from __future__ import annotations
-import io, os, re, struct, warnings, zlib, shutil
+import io, math, os, re, struct, warnings, zlib, shutil
 from pathlib import Path
 import numpy as np
 import pydicom
@@ -17,9 +17,10 @@ import torch
 from .core import *
 
 # %% auto #0
-__all__ = ['DICOM_SUFFIXES', 'IMAGE_SUFFIXES', 'CXRReadError', 'EmptyFileError', 'NotAnImageError', 'CorruptImageError',
-           'ImageTooLargeError', 'NoPixelDataError', 'MissingCodecError', 'MultiFrameError', 'UnsupportedImageError',
-           'dicom_pixels', 'read_dicom', 'array_to_dicom', 'dicom_header', 'read_cxr', 'make_bad_inputs', 'PILCXR']
+__all__ = ['MAX_DECODE_PIXELS', 'DICOM_SUFFIXES', 'IMAGE_SUFFIXES', 'CXRReadError', 'EmptyFileError', 'NotAnImageError',
+           'CorruptImageError', 'ImageTooLargeError', 'NoPixelDataError', 'MissingCodecError', 'MultiFrameError',
+           'UnsupportedImageError', 'decode_factor', 'dicom_pixels', 'read_dicom', 'array_to_dicom', 'dicom_header',
+           'read_cxr', 'make_bad_inputs', 'PILCXR']
 
 # %% ../nbs/02_dicom.ipynb #5aab7254
 class CXRReadError(ValueError):
@@ -85,13 +86,39 @@ def _open_dicom(path, stop_before_pixels=False)->Dataset:
             ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
     return ds
 
+# %% ../nbs/02_dicom.ipynb #0d85b34e
+MAX_DECODE_PIXELS = 4096 * 4096  # larger images are decoded reduced by a whole factor
+
+def decode_factor(width:int, # the image's width as stored
+                  height:int, # its height as stored
+                  max_pixels:int|None=MAX_DECODE_PIXELS, # pixel budget (None or 0: never reduce)
+                 )->int:
+    "The smallest whole factor `k` such that the image reduced by `k` (sides rounded up) fits in `max_pixels`."
+    if not max_pixels or width * height <= max_pixels: return 1
+    k = max(2, math.ceil(math.sqrt(width * height / max_pixels)))
+    while math.ceil(width / k) * math.ceil(height / k) > max_pixels: k += 1
+    return k
+
+# %% ../nbs/02_dicom.ipynb #ec551755
+def _block_mean(arr:np.ndarray, # H x W or H x W x C pixel array
+                k:int, # reduction factor
+                subsample:bool=False, # take every k-th pixel instead (palette indices must not be averaged)
+               )->np.ndarray:
+    "`arr` averaged over k x k blocks, in its own dtype (integers rounded); the last < k rows and columns are dropped."
+    if k <= 1: return arr
+    if subsample: return np.ascontiguousarray(arr[::k, ::k])
+    h, w = arr.shape[0] // k * k, arr.shape[1] // k * k
+    s = arr[:h, :w].reshape(h // k, k, w // k, k, *arr.shape[2:]).sum(axis=(1, 3), dtype=np.float64) / (k * k)
+    return np.rint(s).astype(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else s.astype(arr.dtype)
+
 # %% ../nbs/02_dicom.ipynb #ab02ccdf
 def _to_uint8(arr:np.ndarray)->np.ndarray:
     "Scale by the actual range to 0..255 (no clipping); a constant image becomes all zeros."
-    arr = arr.astype(np.float64)
     lo,hi = float(np.nanmin(arr)), float(np.nanmax(arr))
     if hi <= lo: return np.zeros(arr.shape, np.uint8)
-    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    a = arr.astype(np.float64)  # one working copy, scaled in place (no full-size temporaries)
+    a -= lo; a *= 255.0 / (hi - lo); np.rint(a, out=a)
+    return a.astype(np.uint8)
 
 def _gray(arr:np.ndarray)->np.ndarray:
     "ITU-R 601 luma of an RGB array (what PIL's `convert('L')` computes)."
@@ -100,6 +127,7 @@ def _gray(arr:np.ndarray)->np.ndarray:
 def dicom_pixels(ds:Dataset, # a DICOM data set with pixel data
                  path='<dataset>', # its file, for error messages
                  window:bool=True, # apply the file's VOI LUT or window, if it has one
+                 max_pixels:int|None=MAX_DECODE_PIXELS, # larger frames are block-averaged to fit, before any LUT
                 )->np.ndarray:
     "Display values of a single-frame DICOM: modality LUT, VOI LUT / window, MONOCHROME1 inversion; float 2-D."
     if not any(k in ds for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')):
@@ -121,6 +149,7 @@ def dicom_pixels(ds:Dataset, # a DICOM data set with pixel data
         if hint: raise _err(MissingCodecError, path, f'{hint} (the installed decoder said: {msg})') from e
         raise _err(CorruptImageError, path, f'pixel data cannot be decoded ({type(e).__name__}: {msg})') from e
     pi = str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).strip().upper()
+    if arr.ndim >= 2: arr = _block_mean(arr, decode_factor(arr.shape[1], arr.shape[0], max_pixels), subsample=pi == 'PALETTE COLOR')
     if pi == 'PALETTE COLOR':
         from pydicom.pixels import apply_color_lut
         return _gray(apply_color_lut(arr, ds).astype(np.float64))
@@ -137,10 +166,13 @@ def dicom_pixels(ds:Dataset, # a DICOM data set with pixel data
 
 def read_dicom(path, # a DICOM file (.dcm, with or without the 128-byte preamble)
                window:bool=True, # apply the file's VOI LUT or window, if it has one
+               max_pixels:int|None=MAX_DECODE_PIXELS, # larger images are read reduced by a whole factor
               )->np.ndarray:
     "Read a single-frame DICOM X-ray as a 2-D uint8 array, bone white, scaled by its actual range."
-    ds = _open_dicom(path)
-    arr = dicom_pixels(ds, path, window=window)
+    return _dicom_uint8(_open_dicom(path), path, window, max_pixels)
+
+def _dicom_uint8(ds, path, window, max_pixels)->np.ndarray:
+    arr = dicom_pixels(ds, path, window=window, max_pixels=max_pixels)
     simple = (arr.min() >= 0 and arr.max() <= 255 and int(ds.get('BitsStored', 8)) <= 8
               and np.allclose(arr, np.round(arr)) and 'WindowCenter' not in ds and 'VOILUTSequence' not in ds)
     return np.round(arr).astype(np.uint8) if simple else _to_uint8(arr)  # 8-bit data is shown as stored
@@ -228,8 +260,31 @@ def _pil_to_gray(im:Image.Image)->Image.Image:
     if m in ('CMYK', 'YCbCr', 'LAB', 'HSV', 'RGBX', 'RGB'): return im.convert('RGB').convert('L')
     return im.convert('L')
 
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_REDUCE_AS = {'1': 'L', 'PA': 'RGBA', 'I;16': 'I', 'I;16L': 'I', 'I;16B': 'I', 'I;16N': 'I'}  # modes `Image.reduce` cannot average
+
+def _reduce(im:Image.Image, k:int, band:int=512)->Image.Image:
+    "`im` box-averaged by a whole factor `k`, a band of rows at a time (never a full-size copy in a wider mode)."
+    if k <= 1: return im
+    mode = ('RGBA' if 'transparency' in im.info else 'RGB') if im.mode == 'P' else _REDUCE_AS.get(im.mode, im.mode)
+    w, h = im.size; step = k * max(1, band // k)
+    out = Image.new(mode, (-(-w // k), -(-h // k)))
+    for y in range(0, h, step):
+        b = im.crop((0, y, w, min(h, y + step)))
+        out.paste((b if b.mode == mode else b.convert(mode)).reduce(k), (0, y // k))
+    return out
+
+def _dicom_image(path, window, max_pixels)->Image.Image:
+    ds = _open_dicom(path)
+    img = Image.fromarray(_dicom_uint8(ds, path, window, max_pixels))
+    w, h = int(ds.get('Columns', 0) or img.size[0]), int(ds.get('Rows', 0) or img.size[1])
+    img.info.update(orig_size=(w, h), reduced_by=decode_factor(w, h, max_pixels))
+    return img
+
 def read_cxr(path, # PNG, JPEG, BMP, TIFF or DICOM file
              window:bool=True, # DICOM only: apply the file's VOI LUT / window
+             max_pixels:int|None=MAX_DECODE_PIXELS, # larger images are decoded reduced by a whole factor (None: full size)
             )->Image.Image:
     "Read any chest X-ray file as an 8-bit grayscale ('L') PIL image, or raise a `CXRReadError` naming it."
     path = Path(path)
@@ -238,21 +293,34 @@ def read_cxr(path, # PNG, JPEG, BMP, TIFF or DICOM file
     if size == 0: raise _err(EmptyFileError, path, '0 bytes')
     with open(path, 'rb') as f: head = f.read(132)
     if _is_dicom(path, head):
-        try: return Image.fromarray(read_dicom(path, window=window))
+        try: return _dicom_image(path, window, max_pixels)
         except NotAnImageError:  # a '.dcm' that is really a PNG or JPEG: let Pillow try before giving up
             if head[128:132] == b'DICM': raise
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error', Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                n = getattr(im, 'n_frames', 1)
+                if n > 1 and im.format != 'MPO':
+                    raise _err(MultiFrameError, path, f'{n} pages in one {im.format} file; covidcxr reads single X-ray images '
+                               '(save the page you mean as its own file)')
+                orig, orient = im.size, im.getexif().get(0x0112)
+                k = decode_factor(*im.size, max_pixels)
+                if k > 1 and im.format in ('JPEG', 'MPO'): im.draft(None, (-(-orig[0] // k), -(-orig[1] // k)))  # decoded at 1/2, 1/4, 1/8
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                im = _reduce(im, decode_factor(*im.size, max_pixels))
+                reduced_by = round(orig[0] / im.size[0])
+                if orient in _ORIENT:
+                    im = im.transpose(_ORIENT[orient])
+                    if orient >= 5: orig = orig[::-1]
                 out = _pil_to_gray(im).copy()
+                out.info.update(orig_size=orig, reduced_by=reduced_by)
+    except CXRReadError: raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _err(ImageTooLargeError, path, f'{e} (Pillow\'s decompression-bomb check; no pixels were decoded)') from e
     except UnidentifiedImageError as e:
         if not _is_dicom(path, head):
-            try: return Image.fromarray(read_dicom(path, window=window))  # a DICOM without preamble or suffix?
+            try: return _dicom_image(path, window, max_pixels)  # a DICOM without preamble or suffix?
             except NotAnImageError: pass
         raise _err(NotAnImageError, path, f'not an image file Pillow or pydicom can read (starts with {head[:16]!r})') from e
     except (OSError, SyntaxError, EOFError, ValueError, struct.error, zlib.error) as e:
@@ -299,6 +367,7 @@ def make_bad_inputs(dest, # folder to write the files into (created if needed)
     array_to_dicom(g, dest/'no_pixels.dcm', pixels=False, PatientID='NOPIX'); bad('no_pixels.dcm', NoPixelDataError)
     array_to_dicom(g, dest/'mono1.dcm', photometric='MONOCHROME1', bits=12, slope=1., intercept=-1024, PatientID='MONO1'); good('mono1.dcm')
     array_to_dicom(g, dest/'multiframe.dcm', frames=3, PatientID='MULTI'); bad('multiframe.dcm', MultiFrameError)
+    base.save(dest/'multipage.tif', save_all=True, append_images=[base, base]); bad('multipage.tif', MultiFrameError)  # refused like the DICOM
     from pydicom.data import get_testdata_file
     shutil.copyfile(get_testdata_file('MR_small_jpeg_ls_lossless.dcm'), dest/'jpegls.dcm')
     exp['jpegls.dcm'] = MissingCodecError.prefix if _missing_codec_detail(_open_dicom(dest/'jpegls.dcm', True)) else None

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_prepare.ipynb #6f873a6a
 from __future__ import annotations
-import os, re, hashlib, shutil, warnings
+import errno, os, re, hashlib, shutil, stat, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -122,9 +122,10 @@ def prepare_items(items:list, # dicts: `src` (path), `rel` (name to report), `la
         except CXRReadError as e: skipped.append((it['rel'], e.reason)); continue
         except Exception as e: skipped.append((it['rel'], f'unexpected error: {type(e).__name__}: {e}')); continue
         pid, how = (it['patient_id'], 'given') if it.get('patient_id') not in (None, '') and not pd.isna(it.get('patient_id')) else _patient_id(src, hdr, pat)
+        pid = escape_path(pid) if how != 'given' else pid  # a file stem may hold bytes that are not UTF-8
         from_[how] = from_.get(how, 0) + 1
         rel = (Path('images')/it.get('subdir', '')/_dst_name(it.get('name', it['rel']), used, '.jpg')).as_posix()
-        w,h = img.size
+        w,h = img.info.get('orig_size', img.size)  # the stored size, also for an image decoded reduced
         save_cxr(img, out/rel, size=size)
         row = dict(file=rel, label=it['label'], finding=it.get('finding', ''), patient_id=str(pid),
                    source=it.get('source') or source, view=it.get('view') or hdr.get('view') or '',
@@ -135,9 +136,9 @@ def prepare_items(items:list, # dicts: `src` (path), `rel` (name to report), `la
         rows.append(row)
     table = pd.DataFrame(rows, columns=list(dict.fromkeys(META_COLS + [k for r in rows for k in r])))
     table['age'] = pd.to_numeric(table.age, errors='coerce').astype('Int64')
-    table.to_csv(out/'metadata.csv', index=False)
     sk = pd.DataFrame(skipped, columns=['file', 'reason'])
-    sk.to_csv(out/'skipped.csv', index=False)
+    with atomic_file(out/'skipped.csv') as tmp: sk.to_csv(tmp, index=False)
+    with atomic_file(out/'metadata.csv') as tmp: table.to_csv(tmp, index=False)  # last: a metadata.csv means a finished dataset
     notes = dict(notes or {})
     if from_: notes['patient ids from'] = ', '.join(f'{k} {v}' for k,v in sorted(from_.items()))
     return PrepareResult(out, table, sk, notes)
@@ -148,9 +149,34 @@ def _looks_dicom(p:Path)->bool:
     except OSError: return False
 
 # %% ../nbs/03_prepare.ipynb #98bb9127
-def _walk(root:Path):
-    "Every file under `root`, sorted, as paths relative to it (hidden files included: nothing is silently ignored)."
-    return sorted(p.relative_to(root) for p in root.rglob('*') if p.is_file())
+_KINDS = {stat.S_IFIFO: 'a FIFO (named pipe)', stat.S_IFSOCK: 'a socket', stat.S_IFCHR: 'a character device', stat.S_IFBLK: 'a block device'}
+
+def _walk(root:Path)->tuple:
+    "`(files, problems)`: every regular file under `root` (relative, sorted; hidden ones too), and `(name, reason)` for the rest."
+    files, problems, seen = [], [], set()
+    def visit(d:Path, rel:Path):
+        st = os.stat(d)
+        if (st.st_dev, st.st_ino) in seen:
+            problems.append((rel, 'a link to a folder that is already being read (a symlink loop or a second link): not read again')); return
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(d) as it: names = sorted(e.name for e in it)
+        except OSError as e: problems.append((rel, f'folder cannot be read ({e.strerror}): its files are not included')); return
+        for n in names:
+            p, r = d/n, rel/n
+            try: st = os.stat(p)  # follows links
+            except OSError as e:
+                if not os.path.islink(p): problems.append((r, f'cannot be examined ({e.strerror})'))
+                elif e.errno == errno.ELOOP: problems.append((r, 'symlink loop (the link leads back to itself)'))
+                else: problems.append((r, f'dangling symlink (its target {escape_path(os.readlink(p))} does not exist)'))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if Path(n).suffix.lower() in IMAGE_SUFFIXES: problems.append((r, 'a folder named like an image file (its contents are read like any folder\'s)'))
+                visit(p, r)
+            elif stat.S_ISREG(st.st_mode): files.append(r)
+            else: problems.append((r, f'not a regular file: {_KINDS.get(stat.S_IFMT(st.st_mode), "a special file")}'))
+    visit(root, Path())
+    return sorted(files), sorted(problems)
 
 def prepare_from_folders(root, # folder with one sub-folder per label
                          out, # dataset folder to write (must not be inside `root`)
@@ -165,17 +191,20 @@ def prepare_from_folders(root, # folder with one sub-folder per label
     root = Path(root).expanduser()
     if not root.is_dir(): raise PrepareError(f"{root}: not a folder; expected one sub-folder per label")
     out = _check_out(out, [root], overwrite)
-    items, skipped = [], []
-    for rel in _walk(root):
-        if len(rel.parts) < 2: skipped.append((rel.as_posix(), 'not in a class folder (files must be in ROOT/<label>/...)')); continue
+    files, problems = _walk(root)
+    items, skipped = [], [(escape_path(r.as_posix()), why) for r, why in problems]
+    for rel in files:
+        name = escape_path(rel.as_posix())  # printable, and writable to a UTF-8 table, whatever the bytes of the name
+        if len(rel.parts) < 2: skipped.append((name, 'not in a class folder (files must be in ROOT/<label>/...)')); continue
         if rel.suffix.lower() not in IMAGE_SUFFIXES and rel.suffix != '':
-            skipped.append((rel.as_posix(), f'unsupported file type {rel.suffix!r} (expected one of {", ".join(IMAGE_SUFFIXES)})')); continue
-        label = (label_map or {}).get(rel.parts[0], rel.parts[0])
-        items.append(dict(src=root/rel, rel=rel.as_posix(), label=label, subdir=label, name=Path(*rel.parts[1:]).as_posix(),
-                          orig_file=rel.as_posix()))
+            skipped.append((name, f'unsupported file type {escape_path(rel.suffix)!r} (expected one of {", ".join(IMAGE_SUFFIXES)})')); continue
+        label = escape_path((label_map or {}).get(rel.parts[0], rel.parts[0]))
+        items.append(dict(src=root/rel, rel=name, label=label, subdir=label, name=Path(*rel.parts[1:]).as_posix(), orig_file=name))
     if not items and not skipped: raise PrepareError(f"{root}: no files found")
-    return prepare_items(items, out, size=size, patient_pattern=patient_pattern, source=source or root.name,
-                         skipped=skipped, progress=progress)
+    n_esc = sum(escape_path(r.as_posix()) != r.as_posix() for r in [*files, *(r for r, _ in problems)])
+    return prepare_items(items, out, size=size, patient_pattern=patient_pattern, source=source or root.name, skipped=skipped,
+                         progress=progress, notes={'escaped names': f'{n_esc} name(s) with bytes that are not UTF-8 or control '
+                                                   'characters are written escaped (\\xNN)'} if n_esc else None)
 
 # %% ../nbs/03_prepare.ipynb #26c499b0
 def prepare_from_csv(csv_path, # CSV with at least a file and a label column
@@ -207,7 +236,10 @@ def prepare_from_csv(csv_path, # CSV with at least a file and a label column
         name = f or f'(row {i+2})'
         if not f or not label: skipped.append((name, f'row {i+2}: empty {file_col if not f else label_col}')); continue
         src = Path(f) if Path(f).is_absolute() else root/f
-        if not src.is_file(): skipped.append((f, f'row {i+2}: no such file ({src})')); continue
+        if not src.is_file():
+            why = ('dangling symlink' if os.path.islink(src) and not src.exists() else 'a folder, not a file' if src.is_dir()
+                   else 'not a regular file' if src.exists() else 'no such file')
+            skipped.append((f, f'row {i+2}: {why} ({escape_path(src)})')); continue
         key = src.resolve()
         if key in seen: skipped.append((f, f'row {i+2}: listed twice (the first row was used)')); continue
         seen.add(key)

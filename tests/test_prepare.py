@@ -68,3 +68,87 @@ def test_csv_with_absolute_paths_and_patient_column(tmp_path, shared):
     assert set(res.table.view) == {'PA'}
     with pytest.raises(PrepareError, match="no column 'label'"):
         pd.DataFrame(dict(file=['a.png'])).to_csv(tmp_path/'y.csv', index=False); prepare_from_csv(tmp_path/'y.csv', tmp_path/'ds3')
+
+# --- the edges of a real folder (issue 10, item 5): names, links, non-files, unreadable folders, failures ---
+import json, tempfile
+from covidcxr.cli import main
+
+def _films(shared, n=3):
+    root, meta = shared
+    return [root/f for f in meta[meta.label == 'covid'].file.head(n)]
+
+def test_odd_names_links_and_non_files_reported_by_the_cli(tmp_path, shared, capsys):
+    f = _films(shared)
+    tree = tmp_path/'tree'; (tree/'covid').mkdir(parents=True); (tree/'normal').mkdir()
+    shutil.copyfile(f[0], tree/'covid'/'plain.jpg')
+    shutil.copyfile(f[1], os.fsdecode(bytes(tree/'covid') + b'/\xff\xfe scan.jpg'))         # not UTF-8
+    shutil.copyfile(f[2], os.fsdecode(bytes(tree/'normal') + b'/r\xe9sum\xe9 1.jpg'))      # Latin-1 bytes
+    os.mkdir(os.fsdecode(bytes(tree) + b'/caf\xe9'))                                        # a class folder not in UTF-8
+    shutil.copyfile(f[0], os.fsdecode(bytes(tree) + b'/caf\xe9/a.jpg'))
+    (tree/'covid'/'loop').symlink_to('loop'); (tree/'normal'/'up').symlink_to('..')
+    (tree/'covid'/'gone.png').symlink_to(tmp_path/'nowhere.png')
+    (tree/'normal'/'x.png').mkdir(); os.mkfifo(tree/'normal'/'fifo.dcm')
+    before = {p: file_sha256(p) for p in map(Path, [os.path.join(d, n) for d, _, ns in os.walk(tree) for n in ns]) if p.is_file() and not p.is_symlink()}
+    assert main(['prepare', '--from-folders', str(tree), '--out', str(tmp_path/'ds')]) == 0
+    out = capsys.readouterr().out
+    out.encode('utf-8')  # printable: no surrogates reach the terminal
+    meta = pd.read_csv(tmp_path/'ds'/'metadata.csv', encoding='utf-8')
+    assert sorted(meta.orig_file) == ['caf\\xe9/a.jpg', 'covid/\\xff\\xfe scan.jpg', 'covid/plain.jpg', 'normal/r\\xe9sum\\xe9 1.jpg']
+    assert set(meta.label) == {'covid', 'normal', 'caf\\xe9'}
+    sk = pd.read_csv(tmp_path/'ds'/'skipped.csv', encoding='utf-8').set_index('file').reason
+    assert sorted(sk.index) == ['covid/gone.png', 'covid/loop', 'normal/fifo.dcm', 'normal/up', 'normal/x.png']
+    for name, why in [('covid/gone.png', 'dangling symlink'), ('covid/loop', 'symlink loop'), ('normal/up', 'already being read'),
+                      ('normal/fifo.dcm', 'FIFO'), ('normal/x.png', 'folder named like an image')]:
+        assert why in sk[name] and f'{name}: ' in out, (name, sk[name])
+    assert 'escaped names: 3 name(s)' in out  # the three files (one of them in the folder caf\xe9)
+    assert {p: file_sha256(p) for p in before} == before
+    assert not [p for p in (tmp_path/'ds').iterdir() if p.name.startswith('.')]  # no temporary table left
+
+def test_a_failed_preparation_leaves_no_table_and_a_rerun_works(tmp_path, shared):
+    f = _films(shared, 2)
+    tree = tmp_path/'tree'; (tree/'covid').mkdir(parents=True); (tree/'normal').mkdir()
+    shutil.copyfile(f[0], tree/'covid'/'a.jpg'); shutil.copyfile(f[1], tree/'normal'/'b.jpg')
+    (tmp_path/'ds'/'images').mkdir(parents=True); (tmp_path/'ds'/'images'/'normal').write_text('a file where a folder must go')
+    with pytest.raises(OSError): prepare_from_folders(tree, tmp_path/'ds', progress=False)   # fails half-way, after 'covid'
+    assert sorted(p.name for p in (tmp_path/'ds').iterdir()) == ['images']                  # no metadata.csv, no skipped.csv
+    (tmp_path/'ds'/'images'/'normal').unlink()
+    res = prepare_from_folders(tree, tmp_path/'ds', progress=False)                          # not refused as 'already prepared'
+    assert res.n_prepared == 2 and len(pd.read_csv(tmp_path/'ds'/'metadata.csv')) == 2
+
+def _as_unprivileged(fn):
+    "Run `fn()` in a forked child that has dropped root (permissions do not stop root); returns what it returned (JSON)."
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no exec, so the interpreter under root's home is not needed
+        code = 1
+        try:
+            os.close(r); os.setgroups([]); os.setgid(65534); os.setuid(65534)
+            out = json.dumps(fn()); code = 0
+        except BaseException as e: out = json.dumps({'error': f'{type(e).__name__}: {e}'})
+        finally:
+            os.write(w, out.encode()); os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f: data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='POSIX permissions')
+def test_unreadable_folder_is_reported(shared):
+    "A folder the user cannot read is listed in skipped.csv (run as an unprivileged user when the tests run as root)."
+    base = Path(tempfile.mkdtemp(prefix='covidcxr-perm-'))
+    tree = base/'tree'
+    try:
+        base.chmod(0o777)
+        f = _films(shared, 2)
+        (tree/'covid').mkdir(parents=True); (tree/'normal'/'locked').mkdir(parents=True)
+        shutil.copyfile(f[0], tree/'covid'/'a.jpg'); shutil.copyfile(f[1], tree/'normal'/'locked'/'b.jpg')
+        for p in [tree, *tree.rglob('*')]: p.chmod(0o755 if p.is_dir() else 0o644)
+        (tree/'normal'/'locked').chmod(0o000)
+        def run():
+            res = prepare_from_folders(tree, base/'ds', progress=False)
+            return [res.n_prepared, res.skipped.values.tolist()]
+        got = _as_unprivileged(run) if os.geteuid() == 0 else run()
+        assert got == [1, [['normal/locked', 'folder cannot be read (Permission denied): its files are not included']]], got
+    finally:
+        if (tree/'normal'/'locked').exists(): (tree/'normal'/'locked').chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)

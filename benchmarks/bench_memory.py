@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Peak memory of reading one very large image (figures, not a test).
+
+Writes a synthetic 16-bit grayscale PNG of N x N pixels (default 9400: just under Pillow's pixel limit, a few MB on
+disk) and a 16-bit DICOM of the same size into a temporary folder, then measures in separate processes, each with
+`/usr/bin/time -v` (maximum resident set size):
+  - the baseline: a Python that only imports covidcxr.dicom (torch and fastai come with it);
+  - `read_cxr` on each file (the one reading function every covidcxr path uses);
+  - with a run folder (`--run RUN`): `covidcxr predict --model RUN` on the PNG, and on a real shared film for comparison
+    (the process's own baseline: torch, fastai and the model).
+
+Usage: .venv/bin/python benchmarks/bench_memory.py [--run RUN] [--size 9400] [--film FILE]
+"""
+import argparse, os, re, shutil, subprocess, sys, tempfile
+from pathlib import Path
+import numpy as np
+from PIL import Image
+
+def peak(cmd:list)->tuple:
+    "(peak RSS in MB, wall seconds, last stderr line) of `cmd` under /usr/bin/time -v."
+    r = subprocess.run(['/usr/bin/time', '-v', *cmd], capture_output=True, text=True)
+    rss = int(re.search(r'Maximum resident set size \(kbytes\): (\d+)', r.stderr).group(1)) / 1024
+    wall = re.search(r'Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)', r.stderr).group(1)
+    secs = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(':'))))
+    lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith('\t') and 'Command being timed' not in l]
+    return rss, secs, (r.stdout.strip().splitlines() or [''])[-1] + ' | ' + (lines[-1] if lines else '') + f' (exit {r.returncode})'
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--run', help='a run folder (covidcxr train --out) to measure `covidcxr predict` with')
+    ap.add_argument('--size', type=int, default=9400, help='side of the synthetic images (default 9400)')
+    ap.add_argument('--film', help='a normal-sized film for the predict baseline (default: the first in $COVIDCXR_DATA)')
+    a = ap.parse_args()
+    py, cli = sys.executable, str(Path(sys.executable).with_name('covidcxr'))
+    tmp = Path(tempfile.mkdtemp(prefix='covidcxr-bench-mem-'))
+    try:
+        n = a.size
+        arr = (np.add.outer(np.arange(n, dtype=np.uint32), np.arange(n, dtype=np.uint32)) * 4095 // (2 * n)).astype(np.uint16) * 16
+        Image.fromarray(arr).save(tmp/'big16.png')
+        from covidcxr.dicom import array_to_dicom
+        array_to_dicom((arr >> 8).astype(np.uint8), tmp/'big16.dcm', bits=16)
+        del arr
+        print(f'{n} x {n} = {n*n/1e6:.1f} MP; PNG {os.path.getsize(tmp/"big16.png")/1e6:.1f} MB, DICOM {os.path.getsize(tmp/"big16.dcm")/1e6:.0f} MB on disk')
+        rows = [('import covidcxr.dicom only', peak([py, '-c', 'import covidcxr.dicom']))]
+        for f in ('big16.png', 'big16.dcm'):
+            code = f"from covidcxr.dicom import read_cxr; im = read_cxr({str(tmp/f)!r}); print(im.size, im.info)"
+            rows.append((f'read_cxr {f}', peak([py, '-c', code])))
+        if a.run:
+            film = a.film
+            if film is None:
+                import pandas as pd
+                from covidcxr.core import data_root
+                root = data_root(); film = str(root/pd.read_csv(root/'metadata.csv').file.iloc[0])
+            rows.append((f'covidcxr predict {Path(film).name[:30]}', peak([cli, 'predict', '--model', a.run, film])))
+            rows.append(('covidcxr predict big16.png', peak([cli, 'predict', '--model', a.run, str(tmp/'big16.png')])))
+        print(f"{'what':45s} {'peak RSS MB':>12s} {'seconds':>8s}  output")
+        for name, (rss, secs, out) in rows: print(f'{name:45s} {rss:12.0f} {secs:8.1f}  {out[:100]}')
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
+if __name__ == '__main__': main()
