@@ -106,8 +106,9 @@ def save(self:OODGuard, path, # a model folder (`save_model`)
     "Write `ood.safetensors` (the feature bank, float16) with the threshold and its rule as metadata."
     from safetensors.torch import save_file
     p = Path(path)/'ood.safetensors'
-    save_file({'bank': torch.from_numpy(self.bank).half()}, str(p),
-              metadata={'threshold': repr(self.threshold), 'k': str(self.k), 'info': json.dumps(self.info)})
+    with atomic_file(p) as tmp:   # never half-written, normal permissions
+        save_file({'bank': torch.from_numpy(self.bank).half()}, str(tmp),
+                  metadata={'threshold': repr(self.threshold), 'k': str(self.k), 'info': json.dumps(self.info)})
     return p
 
 @patch(cls_method=True)
