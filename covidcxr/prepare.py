@@ -25,6 +25,7 @@ META_COLS = ['file', 'label', 'finding', 'patient_id', 'source', 'view', 'sex', 
 class PrepareError(ValueError):
     "The preparation cannot start (bad arguments or output folder); the message says how to fix it."
 
+# %% ../nbs/03_prepare.ipynb #71d15d14
 @dataclass
 class PrepareResult:
     "What a preparation produced: the dataset folder, its table, and every skipped input with its reason."
@@ -48,13 +49,15 @@ class PrepareResult:
     def __repr__(self): return self.summary()
 
 # %% ../nbs/03_prepare.ipynb #e7062daa
-def file_sha256(path)->str:
+def file_sha256(path, # any file
+               )->str:
     "SHA-256 of a file's bytes, read in chunks."
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/03_prepare.ipynb #ed936eb8
 def save_cxr(img:Image.Image, # grayscale image from `read_cxr`
              dst, # where to write it (.jpg or .png)
              size:int|None=512, # longer side at most this many pixels (None: keep the size)
@@ -78,8 +81,12 @@ def _patient_id(path:Path, hdr:dict, pattern)->tuple:
         if m: return (m.group(1) if m.groups() else m.group(0)), 'patient_pattern'
     return path.stem, 'file stem'
 
-# %% ../nbs/03_prepare.ipynb #c9eefc22
-def _check_out(out:Path, inputs:list, overwrite:bool):
+# %% ../nbs/03_prepare.ipynb #c51749e3
+def _check_out(out:Path, # the dataset folder to write
+               inputs:list, # the input folders (never written to)
+               overwrite:bool, # allow an `out` that already holds a metadata.csv
+              )->Path:
+    "`out`, resolved; a `PrepareError` if it is inside an input or already holds a dataset (unless `overwrite`)."
     out = Path(out).expanduser().resolve()
     for i in inputs:
         i = Path(i).resolve()
@@ -88,6 +95,7 @@ def _check_out(out:Path, inputs:list, overwrite:bool):
         raise PrepareError(f"{out}: already holds a metadata.csv; choose another --out or pass overwrite=True (--overwrite)")
     return out
 
+# %% ../nbs/03_prepare.ipynb #af7828cd
 def _dst_name(rel:str, used:set, ext:str)->str:
     "A unique output path (relative) for an input path `rel`, keeping its name readable."
     p = Path(rel)
@@ -100,6 +108,15 @@ def _dst_name(rel:str, used:set, ext:str)->str:
     used.add(cand)
     return cand
 
+# %% ../nbs/03_prepare.ipynb #ebe33131
+def _looks_dicom(p:Path, # any file
+                )->bool:
+    "Whether `p` starts like a DICOM file (`DICM` after the 128-byte preamble), whatever its name."
+    try:
+        with open(p, 'rb') as f: return f.read(132)[128:132] == b'DICM'
+    except OSError: return False
+
+# %% ../nbs/03_prepare.ipynb #c9eefc22
 def prepare_items(items:list, # dicts: `src` (path), `rel` (name to report), `label`, `subdir`, and any metadata columns
                   out, # dataset folder to write
                   size:int=512, # longer side of the written images
@@ -143,12 +160,7 @@ def prepare_items(items:list, # dicts: `src` (path), `rel` (name to report), `la
     if from_: notes['patient ids from'] = ', '.join(f'{k} {v}' for k,v in sorted(from_.items()))
     return PrepareResult(out, table, sk, notes)
 
-def _looks_dicom(p:Path)->bool:
-    try:
-        with open(p, 'rb') as f: return f.read(132)[128:132] == b'DICM'
-    except OSError: return False
-
-# %% ../nbs/03_prepare.ipynb #98bb9127
+# %% ../nbs/03_prepare.ipynb #b718f4ec
 _KINDS = {stat.S_IFIFO: 'a FIFO (named pipe)', stat.S_IFSOCK: 'a socket', stat.S_IFCHR: 'a character device', stat.S_IFBLK: 'a block device'}
 
 def _walk(root:Path)->tuple:
@@ -178,6 +190,7 @@ def _walk(root:Path)->tuple:
     visit(root, Path())
     return sorted(files), sorted(problems)
 
+# %% ../nbs/03_prepare.ipynb #98bb9127
 def prepare_from_folders(root, # folder with one sub-folder per label
                          out, # dataset folder to write (must not be inside `root`)
                          patient_pattern:str|None=None, # regex on file names; its first group is the patient id
