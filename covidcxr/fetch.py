@@ -30,22 +30,24 @@ ENV_BASE = 'COVIDCXR_FETCH_BASE'
 class DownloadError(OSError):
     "A download that failed or did not verify; the message names the URL and the partial file kept for resuming."
 
+# %% ../nbs/04_fetch.ipynb #5705d0da
 def base_url(source:str, base_urls:dict|str|None=None)->str:
     "Base URL for `source`: argument > `$COVIDCXR_FETCH_BASE_<SOURCE>` > `$COVIDCXR_FETCH_BASE` > github.com."
     if isinstance(base_urls, str): return base_urls.rstrip('/')
     b = (base_urls or {}).get(source) or os.environ.get(f'{ENV_BASE}_{source.upper()}') or os.environ.get(ENV_BASE) or DEFAULT_BASE
     return b.rstrip('/')
 
+# %% ../nbs/04_fetch.ipynb #850470b0
 def archive_url(source:str, base_urls=None)->str:
     "The archive of `source` at its pinned commit (GitHub's `/archive/<commit>.zip` layout)."
     s = SOURCES[source]
     return f"{base_url(source, base_urls)}/{s['repo']}/archive/{s['commit']}.zip"
 
-# %% ../nbs/04_fetch.ipynb #c9615111
+# %% ../nbs/04_fetch.ipynb #d8202182
 class _Progress:
     "A fastprogress bar when interactive, else a plain line every 10%."
     def __init__(self, name, total, done, show):
-        self.name,self.total,self.show,self.next = name,total,show,0.1
+        self.name,self.total,self.show,self.next = name,total,show,1  # the next tenth to report
         self.pb = None
         if show and is_interactive() and total:
             from fastprogress.fastprogress import progress_bar
@@ -53,12 +55,14 @@ class _Progress:
         elif show: print(f'{name}: downloading' + (f' {total/1e6:.1f} MB' if total else '') + (f', resuming at {done/1e6:.1f} MB' if done else ''), flush=True)
     def update(self, done):
         if self.pb is not None: self.pb.update(min(done, self.total)); return
-        if self.show and self.total and done/self.total >= self.next:
+        if self.show and self.total and 10 * done >= self.next * self.total:
             print(f'{self.name}: {int(100*done/self.total)}% ({done/1e6:.1f} of {self.total/1e6:.1f} MB)', flush=True)
-            while done/self.total >= self.next: self.next += 0.1
+            while 10 * done >= self.next * self.total: self.next += 1
 
+# %% ../nbs/04_fetch.ipynb #baf08be1
 def _sidecar(dest:Path)->Path: return dest.with_name(dest.name + '.sha256')
 
+# %% ../nbs/04_fetch.ipynb #c9615111
 def download(url:str, # what to download
              dest, # the file to write (a `.part` file beside it holds a partial download)
              sha256:str|None=None, # expected SHA-256, when known
@@ -124,10 +128,15 @@ def ieee8023_label(finding)->str|None:
     if f.lower() in NOT_PNEUMONIA: return None
     return 'pneumonia'
 
-def _raw_url(source, path):
+# %% ../nbs/04_fetch.ipynb #61e52a6c
+def _raw_url(source:str, # a key of `SOURCES`
+            path:str, # the file's path in the repository
+           )->str:
+    "The file's URL at the source's pinned commit (what each row's `url` records)."
     s = SOURCES[source]
     return f"https://raw.githubusercontent.com/{s['repo']}/{s['commit']}/" + urllib.parse.quote(path)
 
+# %% ../nbs/04_fetch.ipynb #afff8a24
 def ieee8023_items(repo_dir:Path)->tuple:
     "Items for `prepare_items` from an ieee8023 checkout, notes on what was left out, and skipped files (none)."
     md = pd.read_csv(repo_dir/'metadata.csv', dtype=str, keep_default_na=False)
@@ -150,14 +159,21 @@ def ieee8023_items(repo_dir:Path)->tuple:
                           upstream=r.filename))
     return items, notes, []
 
+# %% ../nbs/04_fetch.ipynb #37101eba
 NIH_DIR = 'X-Ray Image DataSet'
 NIH_FOLDERS = {'No_findings': ('normal', 'No Finding'), 'Pneumonia': ('pneumonia', 'Pneumonia')}
+
+NIH_META_ENV = 'COVIDCXR_NIH_METADATA'
+NIH_META_HELP = "NIH's Data_Entry_2017.csv (or Data_Entry_2017_v2020.csv, from https://nihcc.app.box.com/v/ChestXray-NIHCC)"
+NIH_META_COLS = {'Image Index': 'name', 'Finding Labels': 'finding', 'Patient ID': 'pid',
+                 'Patient Age': 'age', 'Patient Gender': 'sex', 'View Position': 'view'}
 
 def _nih_agrees(label:str, finding:str)->bool:
     "Does NIH's own `Finding Labels` text agree with the folder's label?"
     labs = finding.split('|')
     return labs == ['No Finding'] if label == 'normal' else 'Pneumonia' in labs
 
+# %% ../nbs/04_fetch.ipynb #03f11728
 def nih_items(repo_dir:Path, # the muhammedtalo/COVID-19 checkout
               nih_meta:pd.DataFrame|None=None, # `read_nih_metadata` table (None: no view, sex or age)
              )->tuple:
@@ -195,11 +211,6 @@ def nih_items(repo_dir:Path, # the muhammedtalo/COVID-19 checkout
     return items, notes, skipped
 
 # %% ../nbs/04_fetch.ipynb #b15fd588
-NIH_META_ENV = 'COVIDCXR_NIH_METADATA'
-NIH_META_HELP = "NIH's Data_Entry_2017.csv (or Data_Entry_2017_v2020.csv, from https://nihcc.app.box.com/v/ChestXray-NIHCC)"
-NIH_META_COLS = {'Image Index': 'name', 'Finding Labels': 'finding', 'Patient ID': 'pid',
-                 'Patient Age': 'age', 'Patient Gender': 'sex', 'View Position': 'view'}
-
 def read_nih_metadata(path, # NIH's `Data_Entry_2017.csv` or `Data_Entry_2017_v2020.csv`
                      )->pd.DataFrame:
     "NIH's table indexed by image file name, with `finding`, `pid`, `sex`, `view`, `age` (0-120, else empty) and `age_raw`."
@@ -254,13 +265,14 @@ def pip_download(spec:str, # a pinned requirement, e.g. `torchxrayvision==1.5.7`
         final = dest/whl[0].name; os.replace(whl[0], final)
     return final
 
-# %% ../nbs/04_fetch.ipynb #71ea2abc
+# %% ../nbs/04_fetch.ipynb #38f1ef64
 def _local(src:str):
     "A local path for a file path or `file:` URL, else None (an http(s) URL)."
     if re.match(r'^https?://', src): return None
     if src.startswith('file:'): return Path(urllib.request.url2pathname(urllib.parse.urlparse(src).path))
     return Path(src).expanduser()
 
+# %% ../nbs/04_fetch.ipynb #71ea2abc
 def wheel_members(dl, # the downloads folder: the members are kept here, the wheel only until they are out
                   names=('nih-metadata', 'lung-masks'), # which of `wheel['members']` are needed
                   wheel:dict=TXV_WHEEL, # the pinned wheel: `spec`, `file`, `sha256`, `members`, and `url` (None: ask pip)
@@ -331,7 +343,7 @@ def add_lung_masks(table:pd.DataFrame, # `prepare_items`' table (its `upstream` 
     if bad: notes['lung masks left out'] = f"{len(bad)}: " + '; '.join(bad[:10]) + (' ...' if len(bad) > 10 else '')
     return table, notes
 
-# %% ../nbs/04_fetch.ipynb #84485cc1
+# %% ../nbs/04_fetch.ipynb #f7b99ac9
 def _extract(archive:Path, to:Path)->Path:
     "Unzip `archive` once into `to` (a marker records completion) and return its single top-level folder."
     done = to/'.extracted'
@@ -347,6 +359,7 @@ def _extract(archive:Path, to:Path)->Path:
     tops = [p for p in to.iterdir() if p.is_dir()]
     return tops[0] if len(tops) == 1 else to
 
+# %% ../nbs/04_fetch.ipynb #84485cc1
 def fetch(dest=None, # dataset folder to create (default: `cache_dir()/'data'`)
           sources=('ieee8023', 'nih'), # which sources to download
           base_urls:dict|str|None=None, # {source: base URL} or one base for all (default: env vars, then github.com)
@@ -400,7 +413,7 @@ def fetch(dest=None, # dataset folder to create (default: `cache_dir()/'data'`)
     res.notes['archives'] = '; '.join(f"{s}: {a.get('url') or a['spec']} (sha256 {a['sha256'][:16]}...)" for s,a in archives.items())
     return res
 
-# %% ../nbs/04_fetch.ipynb #c86a05e4
+# %% ../nbs/04_fetch.ipynb #5be7b5a9
 def no_data_help(err, # why fetching failed
                  dest, # where the data would have gone
                 )->str:
@@ -414,6 +427,7 @@ def no_data_help(err, # why fetching failed
             f"    (the {TXV_WHEEL['file']} wheel, e.g. from `pip download {TXV_WHEEL['spec']} --no-deps`);\n"
             "  - or prepare your own films: `covidcxr prepare --from-folders ROOT --out DIR`, then `make run COVIDCXR_DATA=DIR`.")
 
+# %% ../nbs/04_fetch.ipynb #c86a05e4
 def ensure_data(path=None, # an explicit dataset folder (default: `$COVIDCXR_DATA`, then the user cache)
                 **kwargs, # passed to `fetch`
                )->int:
