@@ -67,10 +67,12 @@ class UploadError(ValueError):
     "An upload that cannot be used; the message names the file, `status` is the HTTP status to answer with."
     def __init__(self, msg:str, status:int=400): super().__init__(msg); self.status = status
 
+# %% ../nbs/12_serve.ipynb #ac0c1d34
 class ModelError(RuntimeError):
     "The model could not give a usable answer (e.g. probabilities that are NaN); `status` is the HTTP status (500)."
     def __init__(self, msg:str, status:int=500): super().__init__(msg); self.status = status
 
+# %% ../nbs/12_serve.ipynb #bb3bb8e4
 def _safe_name(name)->str:
     "A file name safe to write in a temporary folder (the suffix is kept: it helps tell DICOM from PNG)."
     n = re.sub(r'[^A-Za-z0-9._-]', '_', Path(str(name or '')).name)[-100:].lstrip('.')
@@ -101,6 +103,7 @@ def cleanup_uploads()->int:
     return len(dirs)
 atexit.register(cleanup_uploads)
 
+# %% ../nbs/12_serve.ipynb #48306473
 def _memfd()->int|None:
     if not (IN_MEMORY_UPLOADS and hasattr(os, 'memfd_create') and os.path.isdir('/proc/self/fd')): return None
     try: return os.memfd_create('covidcxr-upload', getattr(os, 'MFD_CLOEXEC', 0))
@@ -315,12 +318,14 @@ def _host_name(value:str)->str|None:
     try: return str(ipaddress.IPv4Address(h))
     except ValueError: return h
 
+# %% ../nbs/12_serve.ipynb #2636cd8e
 def _bind_name(bind:str)->str:
     "A bind address (`127.0.0.1`, `::1`, `[::1]`, a name, '' for all) as `_host_name` writes hosts."
     b = (bind or '').strip().strip('[]').lower()
     try: return str(ipaddress.ip_address(b))
     except ValueError: return b
 
+# %% ../nbs/12_serve.ipynb #b3449bc0
 @lru_cache(maxsize=None)
 def _machine_names()->frozenset:
     return frozenset(n.lower() for n in (socket.gethostname(), socket.getfqdn()) if n)
@@ -348,7 +353,7 @@ def host_allowed(host:str|None, # the request's Host header (None: no such heade
     try: return not ipaddress.ip_address(h).is_unspecified  # 0.0.0.0 and [::] name no machine
     except ValueError: return False
 
-# %% ../nbs/12_serve.ipynb #4221351f
+# %% ../nbs/12_serve.ipynb #a8ca064b
 class _DeadlineReader(io.RawIOBase):
     "A socket's reading side that gives up at `deadline` (`time.monotonic()`), however slowly the client sends."
     def __init__(self, sock:socket.socket, deadline:float): self.sock, self.deadline = sock, deadline
@@ -358,6 +363,7 @@ class _DeadlineReader(io.RawIOBase):
         try: return self.sock.recv_into(b)
         except BlockingIOError: raise TimeoutError('the request did not arrive before its deadline') from None
 
+# %% ../nbs/12_serve.ipynb #4221351f
 class _Handler(BaseHTTPRequestHandler):
     "One request: the page, GET /model, POST /predict; the Host is checked first; every answer but the page is JSON."
     server_version = 'covidcxr'
