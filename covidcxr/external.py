@@ -17,9 +17,9 @@ from .audit import load_splits, cam_in_lungs
 from .report import write_report, source_confounding, trust_lines
 
 # %% auto #0
-__all__ = ['parse_data_spec', 'dataset_rows', 'usable_rows', 'run_splits', 'validation_threshold', 'ci_text', 'called_shares',
-           'source_rows', 'ExternalResult', 'external_caveats', 'negative_rows', 'evaluate_external',
-           'fold_shortcut_figures', 'misses_gallery', 'external_report']
+__all__ = ['parse_data_spec', 'dataset_rows', 'usable_rows', 'run_splits', 'validation_threshold', 'called_shares', 'source_rows',
+           'ExternalResult', 'external_caveats', 'negative_rows', 'evaluate_external', 'fold_shortcut_figures',
+           'misses_gallery', 'external_report']
 
 # %% ../nbs/16_external.ipynb #bd766ecd
 def parse_data_spec(spec, # 'DIR' or 'DIR:SPLIT' (SPLIT: a split of the run's splits.csv)
@@ -65,7 +65,7 @@ def usable_rows(df:pd.DataFrame, # a dataset table (`dataset_rows`)
     excluded.insert(0, 'part', part)
     return df[reason == ''].assign(part=part).reset_index(drop=True), excluded
 
-# %% ../nbs/16_external.ipynb #9433cd14
+# %% ../nbs/16_external.ipynb #6a0ee416
 def run_splits(run, # a run folder (`covidcxr train --out`), or its model/ folder
               )->Path|None:
     "The run's splits.csv (in the run folder, or beside a model folder), or None."
@@ -74,6 +74,7 @@ def run_splits(run, # a run folder (`covidcxr train --out`), or its model/ folde
         if p is not None and p.is_file(): return p
     return None
 
+# %% ../nbs/16_external.ipynb #9433cd14
 def validation_threshold(learn, # the run's model (`load_model`)
                          run, # the run folder: its splits.csv says which patients were the validation split
                          dev_data=None, # the development dataset folder (default: `data_root()`)
@@ -101,14 +102,6 @@ def validation_threshold(learn, # the run's model (`load_model`)
                 valid={k: float(at[k]['value']) for k in ('sensitivity', 'specificity')})
 
 # %% ../nbs/16_external.ipynb #28844a28
-def ci_text(v:dict|None, # {value, ci_low, ci_high}
-           )->str:
-    "'0.812 (95% CI 0.700-0.900)', or 'undefined'."
-    if not v or v.get('value') is None or not np.isfinite(v['value']): return 'undefined'
-    lo, hi = v.get('ci_low'), v.get('ci_high')
-    if lo is None or not np.isfinite(lo): return f"{v['value']:.3f}"
-    return f"{v['value']:.3f} (95% CI {lo:.3f}-{hi:.3f})"
-
 def called_shares(probs, # (n, C) class probabilities
                   vocab, # class names
                   patient_ids, # (n,) patient of each film: the bootstrap resamples patients
@@ -141,9 +134,13 @@ def source_rows(rows:pd.DataFrame, # scored rows with `part`, `source`, `label`,
         out.append(r)
     return out
 
-# %% ../nbs/16_external.ipynb #0cdeacc0
+# %% ../nbs/16_external.ipynb #08b4d105
 def _num(x): return None if x is None or not np.isfinite(x) else float(x)
-def _nums(d:dict)->dict: return {k: _num(v) for k, v in d.items()}
+def _nums(d:dict)->dict:
+    "`d` with every number as a float, and NaN or infinity as None (JSON has neither)."
+    return {k: _num(v) for k, v in d.items()}
+
+# %% ../nbs/16_external.ipynb #b8c46691
 def _json_row(r:dict)->dict:
     "A `source_rows` record for JSON (NaN as None)."
     out = dict(r, called_own_class=_nums(r['called_own_class']))
@@ -151,6 +148,7 @@ def _json_row(r:dict)->dict:
         out['at_threshold'] = dict(metric=r['at_threshold']['metric'], **_nums({k: v for k, v in r['at_threshold'].items() if k != 'metric'}))
     return out
 
+# %% ../nbs/16_external.ipynb #0cdeacc0
 class ExternalResult:
     "Scores on an external dataset: metrics with patient-bootstrap CIs, per-source rows, excluded rows, the validation-chosen threshold."
     def __init__(self, metrics:CXRMetrics, excluded:pd.DataFrame, threshold:dict|None, why_no_threshold:str|None,
@@ -186,18 +184,18 @@ class ExternalResult:
         t, figs = self.threshold, []
         for c in [c for c in self.metrics.vocab if c in set(e.label)]:
             if t and c == t['positive_class']:
-                figs.append(f"{c} sensitivity {ci_text(self.external_at_threshold['sensitivity'])} at the threshold {t['threshold']:.3f} "
+                figs.append(f"{c} sensitivity {fmt_ci(self.external_at_threshold['sensitivity'])} at the threshold {t['threshold']:.3f} "
                             f"chosen on the run's validation patients for {t['target_sensitivity']:.0%} sensitivity")
             else:
-                figs.append(f"{c} sensitivity {ci_text(self.called_own[c])} (most probable class; no threshold)")
+                figs.append(f"{c} sensitivity {fmt_ci(self.called_own[c])} (most probable class; no threshold)")
         return s + '; '.join(figs) + ' (95% CI, patient bootstrap)'
 
     def source_frame(self)->pd.DataFrame:
         "The per-source table a reader sees."
         return pd.DataFrame([{'part': r['part'], 'source': r['source'], 'label': r['label'], 'images': r['images'],
                               'patients': r['patients'],
-                              'at the threshold': f"{r['at_threshold']['metric']} {ci_text(r['at_threshold'])}" if r.get('at_threshold') else 'no threshold',
-                              'called its own class (most probable)': ci_text(r['called_own_class'])} for r in self.per_source])
+                              'at the threshold': f"{r['at_threshold']['metric']} {fmt_ci(r['at_threshold'])}" if r.get('at_threshold') else 'no threshold',
+                              'called its own class (most probable)': fmt_ci(r['called_own_class'])} for r in self.per_source])
 
     def excluded_text(self)->str:
         "The rows left out, counted by part, label and reason (or 'none')."
@@ -209,9 +207,9 @@ class ExternalResult:
         "Lines for people: the caveats first, then the headline, per-source figures, AUC, threshold and excluded rows."
         lines = list(self.caveats) + [self.headline()]
         lines += [f"  {r['part']} {r['source']} {r['label']} ({r['images']} images of {r['patients']} patients): "
-                  + (f"{r['at_threshold']['metric']} at the threshold {ci_text(r['at_threshold'])}; " if r.get('at_threshold') else '')
-                  + f"called {r['label']} (most probable class) {ci_text(r['called_own_class'])}" for r in self.per_source]
-        lines.append('AUC: ' + '; '.join(f"{c} {ci_text(v)}" + ('' if v['reason'] == 'defined' else f" ({v['reason'].removeprefix('undefined: ')})")
+                  + (f"{r['at_threshold']['metric']} at the threshold {fmt_ci(r['at_threshold'])}; " if r.get('at_threshold') else '')
+                  + f"called {r['label']} (most probable class) {fmt_ci(r['called_own_class'])}" for r in self.per_source]
+        lines.append('AUC: ' + '; '.join(f"{c} {fmt_ci(v)}" + ('' if v['reason'] == 'defined' else f" ({v['reason'].removeprefix('undefined: ')})")
                                          for c, v in self.auc().items()))
         t = self.threshold
         lines.append(f"threshold {t['threshold']:.3f} on p({t['positive_class']}), chosen on {t['where']}" if t
@@ -240,13 +238,17 @@ class ExternalResult:
 
     def __repr__(self): return f"ExternalResult({self.headline()})"
 
-# %% ../nbs/16_external.ipynb #7fe811e9
-def _parts_text(rows:pd.DataFrame, part:str)->str:
+# %% ../nbs/16_external.ipynb #6a9b1961
+def _parts_text(rows:pd.DataFrame, # scored rows with `part`, `label`, `source`, `patient_id`
+                part:str, # 'external' or 'negatives'
+               )->str:
+    "What one part holds, per label: images, patients and the sources they come from."
     g = rows[rows.part == part]
     return ', '.join(f"{l} {n} images of {g[g.label == l].patient_id.nunique()} patients from " +
                      ', '.join(f"{s} ({k})" for s, k in g[g.label == l].source.astype(str).value_counts().items())
                      for l, n in g.label.value_counts().items())
 
+# %% ../nbs/16_external.ipynb #7fe811e9
 def external_caveats(rows:pd.DataFrame, # the scored rows (`part`, `source`, `label`)
                      vocab, # the model's classes
                      negatives=None, # the `negatives` argument, if any
@@ -424,8 +426,8 @@ def external_report(res:ExternalResult, # from `evaluate_external`
     for c in [c for c in m.vocab if c in set(res.external.label)]:
         f = misses_gallery(res, c, k=k, cam=cam)
         if f is not None: gal[f'External misses: {c} films the model did not call {c}'] = f
-    auc = pd.DataFrame([{'class': c, 'AUC (95% CI)': ci_text(v), 'note': v['reason']} for c, v in res.auc().items()])
-    called = pd.DataFrame([{'called': c, 'share of the external films (95% CI)': ci_text(v)} for c, v in res.called.items()])
+    auc = pd.DataFrame([{'class': c, 'AUC (95% CI)': fmt_ci(v), 'note': v['reason']} for c, v in res.auc().items()])
+    called = pd.DataFrame([{'called': c, 'share of the external films (95% CI)': fmt_ci(v)} for c, v in res.called.items()])
     tables = {'Per source and label (95% CI, patient bootstrap within each row)': res.source_frame(),
               'Share of the external films called each class (most probable class)': called, 'AUC per class': auc,
               'Rows not scored': res.excluded if len(res.excluded) else pd.DataFrame({'rows not scored': ['none']})}
