@@ -230,9 +230,9 @@ def pick_one_se(summary:pd.DataFrame, # `search_summary` of one recipe
                 cost:str='compute', # lower is cheaper (default: Lite0-epochs at 224 px, which a shared machine's clock cannot blur)
                 complete:int|None=None, # only settings with this many folds (default: the most any has)
                )->pd.Series:
-    "The cheapest setting whose mean `metric` is within one standard error of the best mean."
+    "The cheapest setting whose mean `metric` is within one standard error of the best mean (equal cost: the higher mean)."
     s = summary[summary.folds == ifnone(complete, summary.folds.max())]
     if s.empty: raise ValueError("no setting has finished all its folds")
     best = s.loc[s[metric].idxmax()]
     ok = s[s[metric] >= best[metric] - best[f'{metric}_se']]
-    return ok.loc[ok[cost].idxmin()]
+    return ok.sort_values([cost, metric], ascending=[True, False]).iloc[0]
