@@ -7,7 +7,7 @@ from __future__ import annotations
 import os, random, sys, tempfile
 from contextlib import contextmanager
 from pathlib import Path
-import numpy as np, torch
+import numpy as np
 from fastcore.all import *
 
 # %% auto #0
@@ -45,17 +45,20 @@ def data_root(path=None, # an explicit dataset folder; wins over everything else
 def seed_everything(seed:int=42, # the seed for Python, NumPy and torch
                     deterministic:bool=False): # also ask cuDNN for deterministic kernels (slower)
     "Seed every random number generator covidcxr uses."
+    import torch
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
     if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
     if deterministic: torch.backends.cudnn.deterministic,torch.backends.cudnn.benchmark = True,False
 
 # %% ../nbs/00_core.ipynb #7881b2bc
-def default_device()->torch.device:
+def default_device()->'torch.device':
     "The device to train on: CUDA, then MPS, then CPU."
+    import torch
     if torch.cuda.is_available(): return torch.device('cuda')
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
+# %% ../nbs/00_core.ipynb #e5bbcaea
 def num_workers()->int:
     "DataLoader workers sized to the machine (0 on CPU-only boxes with 2 cores or fewer, where workers cost more than they give)."
     n = os.cpu_count() or 1
@@ -93,6 +96,7 @@ def _umask()->int:
     except (OSError, ValueError): pass
     m = os.umask(0o022); os.umask(m); return m
 
+# %% ../nbs/00_core.ipynb #051a7be2
 @contextmanager
 def atomic_file(path, # the file to write (its folder must exist)
                ):

@@ -8,13 +8,14 @@ from fastai.vision.all import *
 import pandas as pd, numpy as np
 from PIL import Image, ImageOps
 from .core import *
+from .dicom import read_cxr, crop_border, equalize_film
 import covidcxr.core as core  # `core.num_workers`: `num_workers` is also a parameter name below
 
 # %% auto #0
 __all__ = ['REQUIRED_COLS', 'OPTIONAL_COLS', 'FRONTAL', 'RECIPES', 'INTENSITY', 'DatasetError', 'load_dataset', 'select_balanced',
            'recipe_report', 'covid_vs_pneumonia_146', 'covid_vs_normal_392', 'three_class', 'get_recipe',
-           'patient_split', 'split_summary', 'IntensityNorm', 'BorderCrop', 'cxr_aug_transforms', 'cxr_image_cls',
-           'cxr_dblock', 'cxr_dls']
+           'patient_split', 'split_summary', 'PILCXR', 'cxr_image_cls', 'IntensityNorm', 'BorderCrop',
+           'cxr_aug_transforms', 'cxr_dblock', 'cxr_dls']
 
 # %% ../nbs/01_data.ipynb #2b2fa546
 REQUIRED_COLS = ('file', 'label', 'patient_id')
@@ -23,6 +24,7 @@ OPTIONAL_COLS = ('source', 'view', 'sex', 'age', 'mask', 'finding')
 class DatasetError(ValueError):
     "A dataset table that cannot be used as it is; the message names the rows and files."
 
+# %% ../nbs/01_data.ipynb #6d82d8b6
 def _rows(df, mask, n=5):
     "Describe up to `n` offending rows as 'row R (file F)' (R is the 1-based line in metadata.csv, after the header)."
     bad = df[mask]
@@ -114,14 +116,17 @@ def covid_vs_pneumonia_146(df, seed:int=42, **kwargs):
     "73 COVID-19 PA vs 73 non-COVID pneumonia PA, adults, one image per patient (the first study's design)."
     return select_balanced(df, {'covid':['covid'], 'pneumonia':['pneumonia']}, 73, views=('PA',), seed=seed, **kwargs)
 
+# %% ../nbs/01_data.ipynb #efd1b655
 def covid_vs_normal_392(df, seed:int=42, **kwargs):
     "196 COVID-19 vs 196 normal frontal X-rays, adults, one image per patient (the second study's design)."
     return select_balanced(df, {'covid':['covid'], 'normal':['normal']}, 196, seed=seed, **kwargs)
 
+# %% ../nbs/01_data.ipynb #668360c0
 def three_class(df, seed:int=42, n_per_class:int|None=None, **kwargs):
     "COVID-19 vs pneumonia vs normal, frontal, adults, one image per patient, balanced to the smallest class."
     return select_balanced(df, {c:[c] for c in ('covid', 'pneumonia', 'normal')}, n_per_class, seed=seed, **kwargs)
 
+# %% ../nbs/01_data.ipynb #af7cd50f
 RECIPES = {f.__name__: f for f in (covid_vs_pneumonia_146, covid_vs_normal_392, three_class)}
 
 def get_recipe(name:str):
@@ -150,10 +155,26 @@ def patient_split(df:pd.DataFrame, # table with `patient_id` and `label`
         for name, chunk in zip(names, np.split(pats, np.cumsum(cnt)[:-1])): assign.update(dict.fromkeys(chunk, name))
     return df.assign(split=df[by].map(assign))
 
+# %% ../nbs/01_data.ipynb #052ad99d
 def split_summary(df:pd.DataFrame)->pd.DataFrame:
     "Images and patients per split and label."
     g = df.groupby(['split', 'label'])
     return pd.DataFrame({'images': g.size(), 'patients': g.patient_id.nunique()}).reset_index()
+
+# %% ../nbs/01_data.ipynb #f4976f38
+class PILCXR(PILImageBW):
+    "A grayscale fastai image that reads any chest X-ray file (DICOM included) with `read_cxr` (`covidcxr.dicom`)."
+    @classmethod
+    def create(cls, fn, **kwargs):
+        "Open `fn` (a path: any format `read_cxr` reads; else what `PILImageBW.create` accepts)."
+        if isinstance(fn, (str, os.PathLike)): return cls(read_cxr(fn))
+        if isinstance(fn, torch.Tensor) and fn.ndim == 3 and fn.shape[0] == 1: fn = fn[0].type(torch.uint8).numpy()  # 1xHxW
+        return super().create(fn, **kwargs)
+
+# %% ../nbs/01_data.ipynb #a1e83782
+def cxr_image_cls():
+    "The fastai image type used to read X-rays: `PILCXR` (any format `read_cxr` reads, DICOM included)."
+    return PILCXR
 
 # %% ../nbs/01_data.ipynb #cf2058ea
 INTENSITY = (None, 'histeq', 'clahe')
@@ -168,7 +189,7 @@ class IntensityNorm(Transform):
         self.kind, self.clip_limit = kind, clip_limit
     def encodes(self, x:PILImage):
         img = x.convert('L')
-        if self.kind == 'histeq': out = ImageOps.equalize(img)
+        if self.kind == 'histeq': out = equalize_film(img)
         else:
             from skimage.exposure import equalize_adapthist
             out = Image.fromarray((equalize_adapthist(np.asarray(img), clip_limit=self.clip_limit) * 255).round().astype(np.uint8))
@@ -180,11 +201,10 @@ class BorderCrop(Transform):
     order = 0
     def __init__(self, frac:float=0.1, # share of each side cut away (0 <= frac < 0.5)
                 ):
-        if not 0 <= frac < 0.5: raise ValueError(f"border crop must be in [0, 0.5); got {frac!r}")
+        crop_border(Image.new('L', (2, 2)), frac)  # checks `frac`
         self.frac = frac
     def encodes(self, x:PILImage):
-        w, h = x.size; dx, dy = int(round(w * self.frac)), int(round(h * self.frac))
-        return x.crop((dx, dy, w - dx, h - dy)) if self.frac else x
+        return type(x)(crop_border(x, self.frac))
 
 # %% ../nbs/01_data.ipynb #47895995
 def cxr_aug_transforms(size:int=224, # final image size
@@ -199,13 +219,6 @@ def cxr_aug_transforms(size:int=224, # final image size
                           max_lighting=max_lighting, max_warp=0., min_scale=min_scale, **kwargs)
 
 # %% ../nbs/01_data.ipynb #7d979894
-def cxr_image_cls():
-    "The fastai image type used to read X-rays (DICOM-aware when `covidcxr.dicom` is available)."
-    try:
-        from covidcxr.dicom import PILCXR
-        return PILCXR
-    except ImportError: return PILImageBW
-
 def cxr_dblock(vocab=None, # class names (default: sorted labels)
                size:int=224, # final image size
                presize:int|None=None, # size images are resized to on the CPU (default: 1.15 x size)

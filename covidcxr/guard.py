@@ -8,24 +8,11 @@ import json
 from contextlib import contextmanager
 from fastai.vision.all import *
 from .core import *
+from .dicom import image_checks   # the cheap checks: torch-free, in covidcxr.dicom
+_all_ = ['image_checks']
 
 # %% auto #0
-__all__ = ['image_checks', 'feature_layer', 'capture_features', 'learner_features', 'OODGuard']
-
-# %% ../nbs/17_guard.ipynb #ae83af7c
-def image_checks(img:Image.Image, # a decoded image (`read_cxr`: 8-bit grayscale)
-                 min_side:int=64, # a radiograph has at least this many pixels on each side
-                 max_aspect:float=3., # longer side / shorter side, at most
-                 min_std:float=4., # pixel standard deviation (of 255), at least: below it the image is nearly constant
-                )->str|None:
-    "Why this image cannot be a chest film (a short reason), or None if it passes the cheap checks."
-    w, h = img.size
-    if min(w, h) < min_side: return f"too small to be a radiograph ({w}x{h} px; at least {min_side} on each side expected)"
-    if max(w, h) / min(w, h) > max_aspect: return f"extreme aspect ratio ({w}x{h} px)"
-    small = img.convert('L'); small.thumbnail((256, 256))
-    s = float(np.asarray(small, dtype=np.float32).std())
-    if s < min_std: return f"nearly constant image (pixel standard deviation {s:.1f} of 255)"
-    return None
+__all__ = ['feature_layer', 'capture_features', 'learner_features', 'OODGuard', 'image_checks']
 
 # %% ../nbs/17_guard.ipynb #0bf9d1df
 def feature_layer(model:nn.Module)->nn.Module:
@@ -36,6 +23,7 @@ def feature_layer(model:nn.Module)->nn.Module:
             if type(m).__name__ == 'Flatten': return m
     raise ValueError("no pooled-feature layer found: the guard needs a fastai vision model (body, head with Flatten)")
 
+# %% ../nbs/17_guard.ipynb #eb5ee393
 @contextmanager
 def capture_features(model:nn.Module):
     "Collect the pooled features of every forward pass inside the `with` block (a list of (n, d) float arrays)."
@@ -55,9 +43,13 @@ def learner_features(learn:Learner, # a trained learner
     finally: learn.metrics = metrics
     return np.concatenate(feats), probs.float().numpy()
 
-# %% ../nbs/17_guard.ipynb #5bbc0139
-def _unit(x): x = np.asarray(x, dtype=np.float32); return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+# %% ../nbs/17_guard.ipynb #8cbd4207
+def _unit(x):
+    "Rows of `x` scaled to unit length (float32; a zero row stays zero)."
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
+# %% ../nbs/17_guard.ipynb #ac1f32b2
 class OODGuard:
     "Mean cosine distance to the k nearest training films' features, against a threshold set on validation films."
     def __init__(self, bank:np.ndarray, # (n, d) L2-normalised features of the training films
@@ -99,7 +91,7 @@ def fit(cls:OODGuard, learn:Learner, # a trained learner with train and valid Da
                   n_valid=len(valid), valid_score_max=float(v.max()))
     return g
 
-# %% ../nbs/17_guard.ipynb #208188f6
+# %% ../nbs/17_guard.ipynb #2ad9fa79
 @patch
 def save(self:OODGuard, path, # a model folder (`save_model`)
         )->Path:
@@ -111,6 +103,7 @@ def save(self:OODGuard, path, # a model folder (`save_model`)
                   metadata={'threshold': repr(self.threshold), 'k': str(self.k), 'info': json.dumps(self.info)})
     return p
 
+# %% ../nbs/17_guard.ipynb #6fbb4ef1
 @patch(cls_method=True)
 def load(cls:OODGuard, path, # a model folder or a run folder
         )->OODGuard|None:

@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
+from .dicom import read_cxr, CXRReadError, IMAGE_SUFFIXES, image_checks, crop_border, equalize_film
 
 # %% auto #0
 __all__ = ['ENGINES', 'model_folder', 'find_images', 'cheap_check', 'read_checked', 'TorchEngine', 'predict_files',
-           'inference_pipeline', 'onnx_graph', 'export_onnx', 'OnnxEngine', 'load_engine']
+           'inference_pipeline', 'film_to_input', 'onnx_graph', 'export_onnx', 'OnnxEngine', 'load_engine']
 
 # %% ../nbs/18_predict.ipynb #d2c8011c
 def model_folder(path, # a run folder (`covidcxr train --out`) or a model folder (`save_model`)
@@ -27,7 +28,6 @@ def model_folder(path, # a run folder (`covidcxr train --out`) or a model folder
 def find_images(paths, # files and folders
                )->tuple[list, list]:
     "Expand `paths`: files as given, folders searched recursively for image files; returns `(files, ignored)`."
-    from covidcxr.dicom import IMAGE_SUFFIXES
     files, ignored = [], []
     for p in map(Path, paths):
         if p.is_dir():
@@ -40,7 +40,6 @@ def find_images(paths, # files and folders
 def cheap_check(img:Image.Image, # a decoded X-ray (`read_cxr`)
                )->str:
     "'' if `img` passes the guard's cheap image checks, else 'not classified: <why>'."
-    from covidcxr.guard import image_checks
     why = image_checks(img)
     return f'not classified: {why}' if why else ''
 
@@ -48,7 +47,6 @@ def cheap_check(img:Image.Image, # a decoded X-ray (`read_cxr`)
 def read_checked(path, # an image file
                 )->tuple:
     "`(image, error, not_classified)` for one file: the decoded X-ray if it is readable and passes `cheap_check`, else None and the reason."
-    from covidcxr.dicom import read_cxr, CXRReadError
     try: img = read_cxr(path)
     except CXRReadError as e: return None, e.reason, ''
     except OSError as e: return None, f'cannot read: {e}', ''
@@ -117,24 +115,44 @@ def predict_files(engine, # an engine (`load_engine`), or a fastai Learner (run 
 # %% ../nbs/18_predict.ipynb #645db02d
 _ALLOWED_TFMS = {'IntToFloatTensor', 'Normalize', 'RandomResizedCropGPU', 'Rotate', 'Zoom', 'Warp', 'AffineCoordTfm',
                  'Brightness', 'Contrast', 'LightingTfm', 'Flip'}  # affine and lighting ones do nothing at test time
+_ITEM_STEPS = (['Resize'], ['BorderCrop', 'Resize'], ['IntensityNorm', 'Resize'], ['BorderCrop', 'IntensityNorm', 'Resize'])
 
 def inference_pipeline(learn, # a learner from `covidcxr.learner.load_model`
                  )->dict:
-    "The learner's test-time preprocessing as numbers (`presize`, `size`, `mean`, `std`); a `ValueError` if a transform is one the ONNX graph does not reproduce."
+    "The learner's test-time preprocessing (`presize`, `size`, `mean`, `std`, `border`, `intensity`); a `ValueError` if a transform is one the ONNX path does not reproduce."
     cfg = getattr(learn, 'config', {}) or {}
-    if cfg.get('intensity'): raise ValueError(f"intensity normalisation {cfg['intensity']!r} is not in the ONNX graph yet: predict this model with --engine torch")
     if cfg.get('n_in', 1) != 1: raise ValueError(f"{cfg.get('n_in')} input channels: the ONNX graph takes one (grayscale) channel")
     item = [t for t in learn.dls.after_item.fs if type(t).__name__ not in ('ToTensor',)]
-    if len(item) != 1 or type(item[0]).__name__ != 'Resize' or str(item[0].method) != 'squish':
-        raise ValueError(f"item transforms {[type(t).__name__ for t in item]}: the ONNX export reproduces one squashing Resize only")
+    names = [type(t).__name__ for t in item]
+    norm = next((t for t in item if type(t).__name__ == 'IntensityNorm'), None)
+    if norm is not None and norm.kind != 'histeq':
+        raise ValueError(f"intensity normalisation {norm.kind!r} is not reproduced by the ONNX path (only 'histeq' is): predict this model with --engine torch")
+    if names not in _ITEM_STEPS or str(item[-1].method) != 'squish':
+        raise ValueError(f"item transforms {names}: the ONNX path reproduces a border crop, histogram equalisation and one squashing Resize, in that order")
+    border = float(next((t.frac for t in item if type(t).__name__ == 'BorderCrop'), 0.))
+    intensity = 'histeq' if norm is not None else None
+    if cfg and (cfg.get('intensity'), float(cfg.get('border') or 0.)) != (intensity, border):
+        raise ValueError(f"config.json says intensity {cfg.get('intensity')!r}, border {cfg.get('border') or 0.}, but the learner's transforms do {intensity!r}, {border}")
     bad = [type(t).__name__ for t in learn.dls.after_batch.fs if type(t).__name__ not in _ALLOWED_TFMS]
     if bad: raise ValueError(f"batch transforms {bad}: not reproduced by the ONNX export")
     crop = [t for t in learn.dls.after_batch.fs if type(t).__name__ == 'RandomResizedCropGPU']
-    presize = tuple(item[0].size)
+    presize = tuple(item[-1].size)
     size = tuple(crop[0].size) if crop else presize
     if presize[0] != presize[1] or (crop and crop[0].valid_scale != 1): raise ValueError(f"presize {presize}: the ONNX export expects a square, uncropped one")
     mean, std = (np.asarray(s, dtype=float).ravel().tolist() for s in learn.norm_stats)
-    return dict(presize=int(presize[0]), size=[int(s) for s in size], mean=mean, std=std)
+    return dict(presize=int(presize[0]), size=[int(s) for s in size], mean=mean, std=std, border=border, intensity=intensity)
+
+# %% ../nbs/18_predict.ipynb #2b53d189
+def film_to_input(img:Image.Image, # a decoded film (`read_cxr`)
+                  presize:int, # the square side the graph takes
+                  border:float=0., # share of each side cut first (`BorderCrop`)
+                  intensity:str|None=None, # None or 'histeq' (`IntensityNorm`), after the crop
+                 )->np.ndarray:
+    "The graph's input for one film, `(1, presize, presize)` uint8: border cut, equalised, resized (bilinear, squashed)."
+    if intensity not in (None, 'histeq'): raise ValueError(f"intensity {intensity!r}: the ONNX path applies None or 'histeq' only")
+    im = crop_border(img.convert('L'), border)
+    if intensity == 'histeq': im = equalize_film(im)
+    return np.asarray(im.resize((presize, presize), Image.BILINEAR), dtype=np.uint8)[None]
 
 # %% ../nbs/18_predict.ipynb #87a604a9
 def onnx_graph(learn, # a learner from `covidcxr.learner.load_model`
@@ -164,7 +182,11 @@ def onnx_graph(learn, # a learner from `covidcxr.learner.load_model`
     return CXRGraph().eval()
 
 # %% ../nbs/18_predict.ipynb #41fcdbd9
-def _sha256(p:Path)->str|None: return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+def _sha256(p:Path)->str|None:
+    "The SHA-256 of a file's bytes (None if there is no such file)."
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+# %% ../nbs/18_predict.ipynb #63f71972
 _SOURCES = ('model.safetensors', 'config.json', 'ood.safetensors')
 
 def export_onnx(model, # a run folder or model folder
@@ -187,8 +209,8 @@ def export_onnx(model, # a run folder or model folder
                                                 output_names=outs, dynamic_axes={k: {0: 'batch'} for k in ['image', *outs]})
         m = onnx.load(f.name)
         cfg = learn.config
-        meta = dict(format=1, arch=cfg['arch'], vocab=list(learn.dls.vocab), **pipe, temperature=float(getattr(learn, 'temperature', None) or 1.),
-                    input='image: uint8 (batch, 1, presize, presize), the decoded film resized to presize with PIL bilinear (squashed)',
+        meta = dict(format=2, arch=cfg['arch'], vocab=list(learn.dls.vocab), **pipe, temperature=float(getattr(learn, 'temperature', None) or 1.),
+                    input='image: uint8 (batch, 1, presize, presize): the decoded film, `border` of each side cut, histogram-equalised if `intensity` is \'histeq\', resized to presize with PIL bilinear, squashed (covidcxr.predict.film_to_input)',
                     in_graph=['x / 255', 'bilinear resize to size (align_corners)', '(x - mean) / std', 'softmax(logits / temperature)']
                              + (['ood_score: the guard score'] if guard is not None else []),
                     outputs=outs, guard=dict(threshold=guard.threshold, k=guard.k, n_train=len(guard.bank), info=guard.info) if guard is not None else None,
@@ -227,13 +249,15 @@ class OnnxEngine:
         except (KeyError, ValueError) as e: raise ValueError(f"{f}: not a covidcxr export (no 'covidcxr' metadata)") from e
         stale = [n for n, h in meta['sources'].items() if h and (mdir/n).is_file() and _sha256(mdir/n) != h]
         if stale: raise ValueError(f"{f}: exported from another {', '.join(stale)} than the one beside it; export it again (covidcxr export --model {model} --format onnx)")
+        if meta.get('format', 1) > 2: raise ValueError(f"{f}: exported by a newer covidcxr (format {meta['format']}); update covidcxr to run it")
+        self.border, self.intensity = float(meta.get('border') or 0.), meta.get('intensity')   # format 1: neither
+        if self.intensity not in (None, 'histeq'): raise ValueError(f"{f}: intensity normalisation {self.intensity!r} cannot be applied by the ONNX engine")
         self.meta, self.vocab, self.presize, self.guard = meta, meta['vocab'], int(meta['presize']), meta.get('guard')
         self.has_guard, self.norm_stats, self.temperature = self.guard is not None, (meta['mean'], meta['std']), meta['temperature']
 
     def inputs(self, imgs:list)->np.ndarray:
-        "The graph's input: each decoded film resized to the presize (PIL bilinear, as fastai's `Resize`), (n, 1, presize, presize) uint8."
-        s = self.presize
-        return np.stack([np.asarray(im.convert('L').resize((s, s), Image.BILINEAR), dtype=np.uint8)[None] for im in imgs])
+        "The graph's input: each decoded film prepared as the learner's item transforms do (`film_to_input`), (n, 1, presize, presize) uint8."
+        return np.stack([film_to_input(im, self.presize, self.border, self.intensity) for im in imgs])
 
     def __call__(self, imgs:list)->tuple:
         "`(probs (n, C), verdicts)` for decoded X-rays."

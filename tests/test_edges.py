@@ -4,7 +4,9 @@ from pathlib import Path
 import numpy as np, pytest
 from PIL import Image
 from covidcxr.cli import main
-from covidcxr.dicom import read_cxr, array_to_dicom, CXRReadError, MultiFrameError, MAX_DECODE_PIXELS, PILCXR
+from covidcxr.dicom import read_cxr, CXRReadError, MultiFrameError, MAX_DECODE_PIXELS
+from covidcxr.data import PILCXR
+from covidcxr.test_utils import array_to_dicom
 from covidcxr.learner import load_model, read_model_config, check_model_config, ModelConfigError
 
 def _sha(folder:Path)->dict: return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}

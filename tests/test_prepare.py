@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image
 from covidcxr.core import data_root
-from covidcxr.dicom import array_to_dicom, make_bad_inputs
+from covidcxr.test_utils import array_to_dicom, make_bad_inputs
 from covidcxr.prepare import prepare_from_folders, prepare_from_csv, file_sha256, PrepareError, META_COLS
 
 @pytest.fixture(scope='module')
