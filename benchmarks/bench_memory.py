@@ -37,7 +37,7 @@ def main():
         n = a.size
         arr = (np.add.outer(np.arange(n, dtype=np.uint32), np.arange(n, dtype=np.uint32)) * 4095 // (2 * n)).astype(np.uint16) * 16
         Image.fromarray(arr).save(tmp/'big16.png')
-        from covidcxr.dicom import array_to_dicom
+        from covidcxr.test_utils import array_to_dicom
         array_to_dicom((arr >> 8).astype(np.uint8), tmp/'big16.dcm', bits=16)
         del arr
         print(f'{n} x {n} = {n*n/1e6:.1f} MP; PNG {os.path.getsize(tmp/"big16.png")/1e6:.1f} MB, DICOM {os.path.getsize(tmp/"big16.dcm")/1e6:.0f} MB on disk')
