@@ -29,7 +29,7 @@ min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
 extras = {'dev': dev_requirements}
-for k in ('dicom_codecs', 'onnx'):
+for k in ('dicom_codecs', 'onnx', 'distributed'):
     if cfg.get(k): extras[k.replace('_','-')] = shlex.split(cfg[k])
 
 setuptools.setup(

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_run.ipynb #a1bfd9d1
 from __future__ import annotations
-import json, time, hashlib, platform, shutil, tempfile
+import json, time, hashlib, platform, shutil, tempfile, contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fastai.vision.all import *
@@ -20,8 +20,9 @@ from .guard import OODGuard
 
 # %% auto #0
 __all__ = ['SPLIT_DESCRIPTION', 'LossHistory', 'run_folder', 'lung_checks', 'attention_caption', 'attention_table', 'split_sizes',
-           'split_id', 'run_split', 'TrainedModel', 'run_train', 'RunEvaluation', 'run_cv', 'run_evaluate',
-           'run_figures', 'RunSpec', 'run_metrics', 'run_report', 'write_run', 'train_run', 'run_summary']
+           'split_id', 'distrib_setup', 'rank_local', 'same_on_all_ranks', 'from_rank0', 'data_parallel', 'run_split',
+           'TrainedModel', 'run_train', 'RunEvaluation', 'run_cv', 'run_evaluate', 'run_figures', 'RunSpec',
+           'run_metrics', 'run_report', 'write_run', 'train_run', 'run_summary']
 
 # %% ../nbs/10_run.ipynb #0fde51df
 class LossHistory(Callback):
@@ -29,7 +30,9 @@ class LossHistory(Callback):
     order = 70
     def __init__(self): self.train, self.valid, self.phases = [], [], []
     def before_fit(self): self.phases.append((len(self.train), 'frozen' if self._frozen() else 'unfrozen'))
-    def _frozen(self): return not all(p.requires_grad for p in self.learn.model[0].parameters())
+    def _frozen(self):
+        body = getattr(self.learn.model, 'module', self.learn.model)[0]   # inside `DistributedDataParallel` when data-parallel
+        return not all(p.requires_grad for p in body.parameters())
     def after_batch(self):
         if self.training: self.train.append(float(self.recorder.smooth_loss.value))
     def after_epoch(self): self.valid.append((len(self.train), self.recorder.log[2]))
@@ -125,6 +128,70 @@ def split_id(df:pd.DataFrame)->str:
 
 SPLIT_DESCRIPTION = 'by patient (no patient in two splits; patients sharing a near-duplicate image kept together), stratified by label'
 
+# %% ../nbs/10_run.ipynb #c18a23f2
+def _broadcast_any_backend(self, t, rank:int):
+    "`DistributedDL._broadcast` on the process group's device (fastai 2.8 always uses CUDA, which gloo on CPU has not)."
+    dev = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor(t, dtype=torch.long, device=dev)
+    torch.distributed.broadcast(t, rank)
+    return t.cpu().tolist()
+
+# %% ../nbs/10_run.ipynb #59185524
+def distrib_setup()->tuple:
+    "`(rank, processes)`: `(0, 1)` in one process; under a distributed launcher, joins its process group through accelerate."
+    if num_distrib() <= 1: return 0, 1
+    try: from accelerate import PartialState
+    except ImportError:
+        raise ImportError(f"this process was started by a distributed launcher (WORLD_SIZE={num_distrib()}), and data-parallel "
+                          "training needs accelerate: pip install 'covidcxr[distributed]'") from None
+    import fastai.distributed
+    fastai.distributed.DistributedDL._broadcast = _broadcast_any_backend
+    s = PartialState(cpu=not torch.cuda.is_available())   # gloo on CPU, nccl on CUDA (one GPU per process)
+    return s.process_index, s.num_processes
+
+# %% ../nbs/10_run.ipynb #5f2985b0
+@contextmanager
+def rank_local():
+    "Inside: fastai sees one process (no gathering across processes, saving allowed), for work one process does alone."
+    old = {k: os.environ.get(k) for k in ('WORLD_SIZE', 'RANK')}
+    os.environ.update(WORLD_SIZE='1', RANK='0')
+    try: yield
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+# %% ../nbs/10_run.ipynb #a12ab71d
+def same_on_all_ranks(value, # something every process computed (e.g. the split id)
+                      what:str, # what it is, for the error
+                     ):
+    "`value`, once every process is found to hold the same one; a clear error naming each rank's otherwise."
+    if num_distrib() <= 1 or not torch.distributed.is_initialized(): return value
+    vals = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(vals, value)
+    if any(v != vals[0] for v in vals):
+        raise RuntimeError(f"{what} differs between processes: " + ', '.join(f'rank {i} {v}' for i, v in enumerate(vals)))
+    return value
+
+# %% ../nbs/10_run.ipynb #693d90ce
+def from_rank0(value, # this process's value (ignored on other ranks than 0)
+              ):
+    "Rank 0's `value`, in every process (the value itself in one process)."
+    if num_distrib() <= 1 or not torch.distributed.is_initialized(): return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+# %% ../nbs/10_run.ipynb #93ff52d0
+@contextmanager
+def data_parallel(learn:Learner, # the learner about to be fitted
+                 ):
+    "fastai's `distrib_ctx` (each process: the preset's batch size, its own BatchNorm) under 2+ processes, others silent; else nothing."
+    if num_distrib() <= 1: yield learn; return
+    with contextlib.ExitStack() as stack:
+        if rank_distrib(): stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, 'w'))))
+        yield stack.enter_context(learn.distrib_ctx(sync_bn=False))
+
 # %% ../nbs/10_run.ipynb #4e3f2011
 def run_split(recipe:str, # a name from `RECIPES`
               data=None, # dataset folder (default: `data_root()`)
@@ -160,18 +227,21 @@ def run_train(sp:pd.DataFrame, # the split table (`run_split`)
               path=None, # the learner's folder (the LR finder's scratch files go there)
               log=print, # where progress lines go
              )->TrainedModel:
-    "Step 2 of `train_run`: the preset's learner, the LR finder, and `fine_tune` with the losses of both phases recorded."
+    "Step 2 of `train_run`: the preset's learner, the LR finder, and `fine_tune` (data-parallel under a launcher) with both phases' losses."
     learn, why = preset_learner(sp, p, seed=seed, pretrained=pretrained, weights=weights, log=log)
     if path is not None: learn.path = Path(path)
     log(f"model: {learn.arch}, weights: {learn.weights_source}, device: {learn.dls.device}")
-    rule = p.lr if isinstance(p.lr, str) else None
-    lr, fig = quick_lr_find(learn, suggestion=rule or 'valley', mark=None if rule else float(p.lr))
-    lr = lr if rule else float(p.lr)
-    log("LR finder: " + ', '.join(f'{k} {fmt_number(v)}' for k, v in learn.lr_suggestions.items()) + f"; training at {fmt_number(lr)}"
-        + (f" (the preset's {rule} suggestion)" if rule else " (the preset's fixed rate)"))
+    rule, fig = (p.lr if isinstance(p.lr, str) else None), None
+    if not rank_distrib():   # rank 0 (or the one process) finds the rate; every process trains at it
+        with rank_local(): lr, fig = quick_lr_find(learn, suggestion=rule or 'valley', mark=None if rule else float(p.lr))
+        lr = lr if rule else float(p.lr)
+        log("LR finder: " + ', '.join(f'{k} {fmt_number(v)}' for k, v in learn.lr_suggestions.items()) + f"; training at {fmt_number(lr)}"
+            + (f" (the preset's {rule} suggestion)" if rule else " (the preset's fixed rate)"))
+    lr = from_rank0(None if rank_distrib() else lr)
     hist, t0 = LossHistory(), time.time()
     learn.add_cb(hist)
-    try: fit_preset(learn, p, lr=lr)   # the preset's MixUp too, if it has one
+    try:
+        with data_parallel(learn): fit_preset(learn, p, lr=lr)   # the preset's MixUp too, if it has one
     finally: learn.remove_cb(hist)
     title = f'{learn.arch}: {p.freeze_epochs} frozen + {p.epochs} unfrozen epochs'
     return TrainedModel(learn, why, lr, time.time() - t0, {
@@ -260,6 +330,7 @@ class RunSpec:
     pretrained:bool=True
     pcts:tuple=(0.7, 0.2, 0.1)
     report:bool=True # write report.html
+    processes:int=1 # data-parallel training processes (`accelerate launch`); 1: one process
 
 # %% ../nbs/10_run.ipynb #0e0f1011
 def run_metrics(spec:RunSpec, # what the run was asked to do
@@ -271,7 +342,7 @@ def run_metrics(spec:RunSpec, # what the run was asked to do
     p, learn, g = spec.p, tr.learn, ev.guard
     run = dict(recipe=spec.recipe, preset=spec.preset, preset_evidence=p.evidence, arch=learn.arch, arch_requested=p.arch,
                fallback_reason=tr.fallback_reason, weights_source=learn.weights_source, pretrained=spec.pretrained, seed=spec.seed,
-               size=p.size, bs=p.bs, epochs=p.epochs, freeze_epochs=p.freeze_epochs, lr=tr.lr, lr_rule=p.lr,
+               size=p.size, bs=p.bs, processes=spec.processes, global_bs=p.bs * spec.processes, epochs=p.epochs, freeze_epochs=p.freeze_epochs, lr=tr.lr, lr_rule=p.lr,
                lr_suggestions=learn.lr_suggestions, intensity=p.intensity, label_smoothing=p.label_smoothing,
                class_weights=p.class_weights, device=str(learn.dls.device), train_seconds=round(tr.seconds, 1),
                total_seconds=None, torch=torch.__version__, platform=platform.platform())
@@ -290,7 +361,7 @@ def run_report(out:Path, # the run folder being written
     "The run's report.html: settings, where the images come from, what was left out, the split, metrics with CIs, figures, CV, galleries."
     r, cal = m['run'], ev.calibration
     info = {k: r[k] for k in ('recipe', 'preset', 'arch', 'arch_requested', 'weights_source', 'size', 'epochs',
-                              'freeze_epochs', 'lr', 'intensity', 'seed', 'device', 'train_seconds')}
+                              'freeze_epochs', 'lr', 'intensity', 'seed', 'device', 'processes', 'train_seconds')}
     info.update(split_id=m['split']['split_id'], temperature=cal['temperature'] if cal else None, preset_evidence=r['preset_evidence'])
     notes = ([r['fallback_reason']] if r['fallback_reason'] else []) + [f"Validation {headline_line(m['valid'])} (95% CIs, patient bootstrap)."]
     if cal: notes.append(f"Probabilities are temperature-scaled (T = {cal['temperature']:.2f}, fitted on the validation split). "
@@ -345,18 +416,26 @@ def train_run(recipe:str='covid_vs_pneumonia_146', # a name from `RECIPES`
               report:bool=True, # write the self-contained report.html
               log=print, # where progress lines go
              )->dict:
-    "Recipe -> patient split -> the preset's learner -> LR finder -> `fine_tune` -> calibration -> evaluation with CIs -> run folder."
+    "Recipe -> patient split -> the preset's learner -> LR finder -> `fine_tune` -> calibration -> evaluation with CIs -> run folder (rank 0's)."
     t0 = time.time()
     p = get_preset(recipe, preset, arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, size=size, bs=bs, lr=lr,
                    intensity=intensity, fallback_arch=fallback_arch)
-    spec = RunSpec(recipe, preset, p, seed, pretrained, tuple(pcts), report)
-    with run_folder(out, overwrite) as work:
+    rank, procs = distrib_setup()
+    spec = RunSpec(recipe, preset, p, seed, pretrained, tuple(pcts), report, procs)
+    if rank: log = noop   # rank 0 speaks and writes; the others train and return
+    folder = run_folder(out, overwrite) if rank == 0 else tempfile.TemporaryDirectory(prefix=f'covidcxr-rank{rank}-')
+    with folder as work:
         seed_everything(seed)
         sp, dropped = run_split(recipe, data, seed, pcts, log)
+        same_on_all_ranks(split_id(sp), 'the split (split id)')
+        if procs > 1: log(f"data-parallel training: {procs} processes ({torch.distributed.get_backend()}), batch {p.bs} each, "
+                          f"{p.bs * procs} in all; evaluation and the run folder on rank 0")
         log(f"preset {preset}: " + ', '.join(f'{k} {fmt_number(v)}' for k, v in p.settings().items()))
         tr = run_train(sp, p, seed, pretrained, weights, path=work, log=log)
-        ev = run_evaluate(tr.learn, sp, p, seed, n_boot, calibrate_probs, cv, log)
-        m = write_run(work, spec, tr, ev, sp, dropped, t0)
+        if rank: return dict(rank=rank, processes=procs, out=str(out))   # nothing to report: rank 0 writes the run
+        with rank_local():
+            ev = run_evaluate(tr.learn, sp, p, seed, n_boot, calibrate_probs, cv, log)
+            m = write_run(work, spec, tr, ev, sp, dropped, t0)
     log(f"wrote {out} in {m['run']['total_seconds']:.0f}s")
     return m
 
