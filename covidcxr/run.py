@@ -67,6 +67,8 @@ def run_folder(out, # the run folder to create
         pid = stale.name.split('-')[-2] if stale.name.count('-') >= 2 else ''
         if pid.isdigit() and not _alive(int(pid)): shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-{os.getpid()}-', dir=out.parent))
+    mask = os.umask(0o022); os.umask(mask)
+    os.chmod(work, 0o777 & ~mask)   # mkdtemp makes it private (0700); a run folder is an ordinary folder
     try:
         yield work
         old = None
@@ -343,7 +345,7 @@ def run_metrics(spec:RunSpec, # what the run was asked to do
     run = dict(recipe=spec.recipe, preset=spec.preset, preset_evidence=p.evidence, arch=learn.arch, arch_requested=p.arch,
                fallback_reason=tr.fallback_reason, weights_source=learn.weights_source, pretrained=spec.pretrained, seed=spec.seed,
                size=p.size, bs=p.bs, processes=spec.processes, global_bs=p.bs * spec.processes, epochs=p.epochs, freeze_epochs=p.freeze_epochs, lr=tr.lr, lr_rule=p.lr,
-               lr_suggestions=learn.lr_suggestions, intensity=p.intensity, label_smoothing=p.label_smoothing,
+               lr_suggestions=learn.lr_suggestions, intensity=p.intensity, border=p.border, label_smoothing=p.label_smoothing,
                class_weights=p.class_weights, device=str(learn.dls.device), train_seconds=round(tr.seconds, 1),
                total_seconds=None, torch=torch.__version__, platform=platform.platform())
     return dict(run=run, split=dict(method=SPLIT_DESCRIPTION, pcts=list(spec.pcts), split_id=split_id(sp), sizes=split_sizes(sp)),
