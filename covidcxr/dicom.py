@@ -17,8 +17,8 @@ from .core import *
 # %% auto #0
 __all__ = ['MAX_DECODE_PIXELS', 'DICOM_SUFFIXES', 'IMAGE_SUFFIXES', 'CXRReadError', 'EmptyFileError', 'NotAnImageError',
            'CorruptImageError', 'ImageTooLargeError', 'NoPixelDataError', 'MissingCodecError', 'MultiFrameError',
-           'UnsupportedImageError', 'decode_factor', 'dicom_pixels', 'read_dicom', 'dicom_header', 'read_cxr',
-           'image_checks', 'crop_border', 'equalize_film']
+           'UnsupportedImageError', 'decode_factor', 'dicom_pixels', 'read_dicom', 'dicom_header', 'film_chroma',
+           'read_cxr', 'image_checks', 'crop_border', 'equalize_film']
 
 # %% ../nbs/02_dicom.ipynb #5aab7254
 class CXRReadError(ValueError):
@@ -252,6 +252,15 @@ def _dicom_image(path, window, max_pixels)->Image.Image:
     img.info.update(orig_size=(w, h), reduced_by=decode_factor(w, h, max_pixels))
     return img
 
+# %% ../nbs/02_dicom.ipynb #1109566a
+def film_chroma(im:Image.Image, # a decoded image in its own mode (before conversion to gray)
+               )->float:
+    "Mean colourfulness (max minus min channel, of 255) on a 128 px thumbnail: 0 for a grayscale image."
+    if im.mode not in ('RGB', 'RGBA', 'P', 'PA', 'CMYK', 'YCbCr', 'LAB', 'HSV'): return 0.
+    t = im.convert('RGB'); t.thumbnail((128, 128))
+    a = np.asarray(t, dtype=np.int16)
+    return float((a.max(-1) - a.min(-1)).mean())
+
 # %% ../nbs/02_dicom.ipynb #15ca1c78
 def read_cxr(path, # PNG, JPEG, BMP, TIFF or DICOM file
              window:bool=True, # DICOM only: apply the file's VOI LUT / window
@@ -285,7 +294,7 @@ def read_cxr(path, # PNG, JPEG, BMP, TIFF or DICOM file
                     im = im.transpose(_ORIENT[orient])
                     if orient >= 5: orig = orig[::-1]
                 out = _pil_to_gray(im).copy()
-                out.info.update(orig_size=orig, reduced_by=reduced_by)
+                out.info.update(orig_size=orig, reduced_by=reduced_by, chroma=film_chroma(im))
     except CXRReadError: raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _err(ImageTooLargeError, path, f'{e} (Pillow\'s decompression-bomb check; no pixels were decoded)') from e
@@ -303,6 +312,8 @@ def image_checks(img:Image.Image, # a decoded image (`read_cxr`: 8-bit grayscale
                  min_side:int=64, # a radiograph has at least this many pixels on each side
                  max_aspect:float=3., # longer side / shorter side, at most
                  min_std:float=4., # pixel standard deviation (of 255), at least: below it the image is nearly constant
+                 max_chroma:float=12., # colourfulness of the file (`film_chroma`, of 255), at most: radiographs are gray
+                 max_two_levels:float=0.8, # share of pixels in the two commonest grey levels, at most: above it, line art
                 )->str|None:
     "Why this image cannot be a chest film (a short reason), or None if it passes the cheap checks."
     w, h = img.size
@@ -311,6 +322,10 @@ def image_checks(img:Image.Image, # a decoded image (`read_cxr`: 8-bit grayscale
     small = img.convert('L'); small.thumbnail((256, 256))
     s = float(np.asarray(small, dtype=np.float32).std())
     if s < min_std: return f"nearly constant image (pixel standard deviation {s:.1f} of 255)"
+    c = float(img.info.get('chroma', 0.))
+    if c > max_chroma: return f"a colour image (mean chroma {c:.0f} of 255; radiographs are grayscale)"
+    top2 = np.sort(np.bincount(np.asarray(small).ravel(), minlength=256))[-2:].sum() / small.size[0] / small.size[1]
+    if top2 > max_two_levels: return f"mostly two grey levels ({top2:.0%} of the pixels): a drawing or a binary image, not a radiograph"
     return None
 
 # %% ../nbs/02_dicom.ipynb #1bb61e86
