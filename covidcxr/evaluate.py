@@ -14,10 +14,10 @@ from fastcore.all import *
 from .core import *
 
 # %% auto #0
-__all__ = ['PER_CLASS', 'check_predictions', 'class_aucs', 'macro_auc', 'metric_arrays', 'patient_weights', 'bootstrap_ci',
-           'weighted_mean', 'patient_cis', 'CXRMetrics', 'evaluate', 'choose_threshold', 'threshold_metrics',
-           'operating_point', 'predict_split', 'evaluate_learner', 'patient_kfold', 'train_fold', 'CVResult',
-           'cross_validate']
+__all__ = ['PER_CLASS', 'WITHIN_SOURCE_WHY', 'NOT_RECORDED', 'check_predictions', 'class_aucs', 'macro_auc', 'metric_arrays',
+           'patient_weights', 'bootstrap_ci', 'weighted_mean', 'patient_cis', 'within_source_auc', 'CXRMetrics',
+           'evaluate', 'choose_threshold', 'threshold_metrics', 'operating_point', 'predict_split', 'evaluate_learner',
+           'patient_kfold', 'train_fold', 'CVResult', 'cross_validate']
 
 # %% ../nbs/06_evaluate.ipynb #4542b4e8
 def _np(x)->np.ndarray:
@@ -162,6 +162,64 @@ def patient_cis(stats:dict, # {name: statistic}: each a function of a weight mat
     ci, _ = bootstrap_ci(lambda W: {k: f(W) for k, f in stats.items()}, patient_ids, n_boot, seed, level)
     return {k: {q: float(x) if np.isfinite(x) else None for q, x in v.items()} for k, v in ci.items()}
 
+# %% ../nbs/06_evaluate.ipynb #3d2e2544
+WITHIN_SOURCE_WHY = ("Scored only on the films of one source that holds both classes, so recognising the archive or hospital "
+                     "cannot raise it: the one internal figure the source shortcut cannot inflate.")
+NOT_RECORDED = 'not recorded'   # the source of rows whose `source` is missing
+
+# %% ../nbs/06_evaluate.ipynb #2a68c0b8
+def _class_counts(targets:np.ndarray, # (n,) class indices
+                 patient_ids:np.ndarray, # (n,) patient of each image
+                 vocab:list, # class names
+                )->dict:
+    "`{class: {images, patients}}` for each class present among these rows, in the model's class order."
+    return {vocab[c]: dict(images=int((targets == c).sum()), patients=len(set(patient_ids[targets == c]))) for c in np.unique(targets)}
+
+# %% ../nbs/06_evaluate.ipynb #3f19320a
+def _undefined_reason(source:str, counts:dict, pos:str)->str|None:
+    "Why a source has no within-source AUC ('undefined: ...'), or None when it has the positive class and another."
+    have = ', '.join(f"{k} {v['images']}" for k, v in counts.items())
+    if source == NOT_RECORDED: return f'undefined: the source of these images is not recorded ({have})'
+    if pos not in counts: return f'undefined: no {pos} images from this source (only {have})'
+    if len(counts) == 1: return f"undefined: only {pos} images from this source ({counts[pos]['images']})"
+    return None
+
+# %% ../nbs/06_evaluate.ipynb #d565aa32
+def within_source_auc(probs, # (n, C) class probabilities
+                      targets, # (n,) true class indices into `vocab`
+                      vocab, # class names in the model's order
+                      patient_ids, # (n,) patient of each image: the bootstrap resamples patients inside each source
+                      sources, # (n,) the source (archive, hospital) of each image; missing: 'not recorded'
+                      pos:str|None=None, # the positive class (default: 'covid' if a class, else the last class)
+                      n_boot:int=2000, # bootstrap resamples
+                      seed:int=42, # bootstrap seed
+                      level:float=0.95, # confidence level
+                     )->dict:
+    "Per source, the AUC of `pos` on that source's rows only, with patient-bootstrap CIs and counts; 'undefined: <reason>' where a class is missing."
+    probs, targets, vocab, pids = check_predictions(probs, targets, vocab, patient_ids)
+    pos = ifnone(pos, 'covid' if 'covid' in vocab else vocab[-1])
+    if pos not in vocab: raise ValueError(f"positive class {pos!r} is not one of the classes {vocab}")
+    src = pd.Series(np.asarray(sources, dtype=object))
+    if len(src) != len(probs): raise ValueError(f"sources must have one value per image ({len(probs)}); got {len(src)}")
+    src = src.where(src.notna() & (src.astype(str).str.strip() != ''), NOT_RECORDED).astype(str).values
+    c, out = vocab.index(pos), {}
+    for s in sorted(set(src)):
+        m = src == s; p, t, g = probs[m], targets[m], pids[m]
+        e = dict(n_images=int(m.sum()), n_patients=len(set(g)), by_class=_class_counts(t, g, vocab), auc={}, skipped={})
+        e['undefined'] = _undefined_reason(s, e['by_class'], pos)
+        if e['undefined'] is None:
+            others = [k for k in np.unique(t) if k != c]
+            stats = {f'{pos} vs rest' if len(vocab) > 2 else f'{pos} vs {vocab[1 - c]}': lambda W: class_aucs(p, t, W)[c]}
+            for k in others if len(vocab) > 2 else []:
+                mk = (t == c) | (t == k)
+                stats[f'{pos} vs {vocab[k]}'] = lambda W, mk=mk: class_aucs(p[mk], t[mk], np.atleast_2d(W)[:, mk])[c]
+            ci, sk = bootstrap_ci(lambda W: {k: f(W) for k, f in stats.items()}, g, n_boot, seed, level)
+            e['auc'] = {k: {q: float(x) if np.isfinite(x) else None for q, x in v.items()} for k, v in ci.items()}
+            e['skipped'] = {k: v for k, v in sk.items() if v}   # resamples that drew no patient of a class
+        out[s] = e
+    return dict(positive_class=pos, why=WITHIN_SOURCE_WHY, sources=out,
+                bootstrap=dict(unit='patient, inside each source', method='percentile', n_boot=n_boot, seed=seed, level=level))
+
 # %% ../nbs/06_evaluate.ipynb #b0f4981f
 class CXRMetrics:
     "Metrics of one split with patient-bootstrap 95% CIs; holds the predictions for plots and galleries."
@@ -208,6 +266,8 @@ class CXRMetrics:
                                 skipped={k: v for k, v in self.skipped.items() if v}),
                  ece_bins=self.n_bins)
         if self.operating_point: d['operating_point'] = self.operating_point
+        ws = self.within_source()   # only where the rows carry a `source` (see "Within-source AUC" below)
+        if ws is not None: d['within_source'] = ws
         return d
 
     def summary_line(self)->str:
@@ -240,6 +300,20 @@ def evaluate(probs, # (n, C) class probabilities (softmax outputs)
     if pids is None: raise ValueError("patient_ids are required: the intervals resample patients, not images")
     ci, skipped = bootstrap_ci(lambda W: metric_arrays(probs, targets, vocab, W, n_bins), pids, n_boot, seed, level)
     return CXRMetrics(probs, targets, vocab, pids, split, ci, skipped, n_boot, seed, level, n_bins, items)
+
+# %% ../nbs/06_evaluate.ipynb #097ea3b8
+@patch
+def within_source(self:CXRMetrics,
+                  pos:str|None=None, # the positive class (default: 'covid' if a class, else the last class)
+                 )->dict|None:
+    "`within_source_auc` of this split by its rows' `source` (None when the rows carry no source); computed once."
+    if self.items is None or 'source' not in self.items: return None
+    cache = self.__dict__.setdefault('_within_source', {})
+    if pos not in cache:
+        ws = within_source_auc(self.probs, self.targets, self.vocab, self.patient_ids, self.items['source'].values, pos,
+                               self.n_boot, self.seed, self.level)
+        cache[pos] = dict(split=self.split, **ws)
+    return cache[pos]
 
 # %% ../nbs/06_evaluate.ipynb #2a5027d7
 @patch
