@@ -19,12 +19,13 @@ __all__ = ['PER_CLASS', 'WITHIN_SOURCE_WHY', 'NOT_RECORDED', 'check_predictions'
            'evaluate', 'choose_threshold', 'threshold_metrics', 'operating_point', 'predict_split', 'evaluate_learner',
            'patient_kfold', 'train_fold', 'CVResult', 'cross_validate']
 
-# %% ../nbs/06_evaluate.ipynb #4542b4e8
+# %% ../nbs/06_evaluate.ipynb #bd6cae3c
 def _np(x)->np.ndarray:
     "A numpy copy of a tensor, list or array."
     if isinstance(x, torch.Tensor): x = x.detach().cpu().numpy()
     return np.asarray(x)
 
+# %% ../nbs/06_evaluate.ipynb #4542b4e8
 def check_predictions(probs, # (n, C) class probabilities
                       targets, # (n,) class indices into `vocab`
                       vocab, # class names, in the model's order
@@ -75,7 +76,7 @@ def macro_auc(probs:np.ndarray, # (n, C) class probabilities (or out-of-fold sco
     "The ROC AUC (binary for two classes, else the one-vs-rest macro mean) for each row of `W`; NaN where a class is missing."
     return np.mean(class_aucs(probs, targets, W), 0)
 
-# %% ../nbs/06_evaluate.ipynb #667d6242
+# %% ../nbs/06_evaluate.ipynb #021108e6
 def _weighted_ece(probs, targets, W, n_bins=10):
     "Expected calibration error of the top-class confidence, equal-width bins, for each row of `W`."
     conf, correct = probs.max(1), (probs.argmax(1) == targets)
@@ -84,6 +85,7 @@ def _weighted_ece(probs, targets, W, n_bins=10):
     acc_k, conf_k = W @ (onehot * correct[:, None]), W @ (onehot * conf[:, None])   # weighted sums per bin
     return np.abs(acc_k - conf_k).sum(1) / W.sum(1)
 
+# %% ../nbs/06_evaluate.ipynb #667d6242
 PER_CLASS = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1', 'auc', 'prevalence')
 
 def metric_arrays(probs, targets, vocab, W, n_bins:int=10)->dict:
@@ -220,6 +222,9 @@ def within_source_auc(probs, # (n, C) class probabilities
     return dict(positive_class=pos, why=WITHIN_SOURCE_WHY, sources=out,
                 bootstrap=dict(unit='patient, inside each source', method='percentile', n_boot=n_boot, seed=seed, level=level))
 
+# %% ../nbs/06_evaluate.ipynb #811ae45f
+def _num(x): return None if x is None or not np.isfinite(x) else float(x)
+
 # %% ../nbs/06_evaluate.ipynb #b0f4981f
 class CXRMetrics:
     "Metrics of one split with patient-bootstrap 95% CIs; holds the predictions for plots and galleries."
@@ -255,6 +260,16 @@ class CXRMetrics:
                              ci=fmt_ci(v, label=''), skipped=self.skipped.get(k, 0)))
         return pd.DataFrame(rows)
 
+    def within_source(self, pos:str|None=None)->dict|None:
+        "`within_source_auc` of this split by its rows' `source` (None when the rows carry no source); computed once per `pos`."
+        if self.items is None or 'source' not in self.items: return None
+        cache = self.__dict__.setdefault('_within_source', {})
+        if pos not in cache:
+            ws = within_source_auc(self.probs, self.targets, self.vocab, self.patient_ids, self.items['source'].values, pos,
+                                   self.n_boot, self.seed, self.level)
+            cache[pos] = dict(split=self.split, **ws)
+        return cache[pos]
+
     def to_dict(self)->dict:
         "A JSON-ready summary: every metric as {value, ci_low, ci_high}, with split, sizes and bootstrap settings."
         d = dict(split=self.split, n_images=self.n_images, n_patients=self.n_patients, classes=list(self.vocab),
@@ -266,7 +281,7 @@ class CXRMetrics:
                                 skipped={k: v for k, v in self.skipped.items() if v}),
                  ece_bins=self.n_bins)
         if self.operating_point: d['operating_point'] = self.operating_point
-        ws = self.within_source()   # only where the rows carry a `source` (see "Within-source AUC" below)
+        ws = self.within_source()   # only where the rows carry a `source`
         if ws is not None: d['within_source'] = ws
         return d
 
@@ -280,8 +295,6 @@ class CXRMetrics:
         m = self.metrics
         s = f"CXRMetrics(split={self.split!r}, {self.n_images} images of {self.n_patients} patients: accuracy {fmt_ci(m['accuracy'], label='')}"
         return s + (f", macro AUC {fmt_ci(m['macro_auc'], label='')})" if np.isfinite(m['macro_auc']['value']) else ')')
-
-def _num(x): return None if x is None or not np.isfinite(x) else float(x)
 
 # %% ../nbs/06_evaluate.ipynb #9cc00688
 def evaluate(probs, # (n, C) class probabilities (softmax outputs)
@@ -301,20 +314,6 @@ def evaluate(probs, # (n, C) class probabilities (softmax outputs)
     ci, skipped = bootstrap_ci(lambda W: metric_arrays(probs, targets, vocab, W, n_bins), pids, n_boot, seed, level)
     return CXRMetrics(probs, targets, vocab, pids, split, ci, skipped, n_boot, seed, level, n_bins, items)
 
-# %% ../nbs/06_evaluate.ipynb #097ea3b8
-@patch
-def within_source(self:CXRMetrics,
-                  pos:str|None=None, # the positive class (default: 'covid' if a class, else the last class)
-                 )->dict|None:
-    "`within_source_auc` of this split by its rows' `source` (None when the rows carry no source); computed once."
-    if self.items is None or 'source' not in self.items: return None
-    cache = self.__dict__.setdefault('_within_source', {})
-    if pos not in cache:
-        ws = within_source_auc(self.probs, self.targets, self.vocab, self.patient_ids, self.items['source'].values, pos,
-                               self.n_boot, self.seed, self.level)
-        cache[pos] = dict(split=self.split, **ws)
-    return cache[pos]
-
 # %% ../nbs/06_evaluate.ipynb #2a5027d7
 @patch
 def plot_confusion(self:CXRMetrics, figsize=(9, 4)):
@@ -332,6 +331,7 @@ def plot_confusion(self:CXRMetrics, figsize=(9, 4)):
     fig.suptitle(f'Confusion matrix, {self.split} split ({self.n_images} images, {self.n_patients} patients)')
     fig.tight_layout(); return fig
 
+# %% ../nbs/06_evaluate.ipynb #52ebc483
 @patch
 def plot_roc(self:CXRMetrics, figsize=(5, 5)):
     "ROC curve per class (one-vs-rest), AUC with its 95% CI in the legend."
@@ -348,6 +348,7 @@ def plot_roc(self:CXRMetrics, figsize=(5, 5)):
     ax.set_title(f'ROC, {self.split} split ({self.n_patients} patients)'); ax.legend(loc='lower right', fontsize=8)
     ax.set_aspect('equal'); fig.tight_layout(); return fig
 
+# %% ../nbs/06_evaluate.ipynb #0edfc0d0
 @patch
 def plot_reliability(self:CXRMetrics, figsize=(5, 5)):
     "Reliability diagram: accuracy against confidence per bin (bar width: share of images), with ECE and its CI."
@@ -382,6 +383,7 @@ def choose_threshold(probs, targets, vocab,
     i = int(np.argmax(tpr >= target_sensitivity - 1e-12))
     return float(min(thr[i], 1.0))
 
+# %% ../nbs/06_evaluate.ipynb #c5791fbf
 def threshold_metrics(probs, targets, vocab, patient_ids,
                       threshold:float, # call `pos` when its probability is >= threshold
                       pos:str='covid', # the positive class
@@ -397,6 +399,7 @@ def threshold_metrics(probs, targets, vocab, patient_ids,
                         prevalence=(tp + fn_) / W.sum(1))
     return bootstrap_ci(fn, pids, n_boot, seed, level)
 
+# %% ../nbs/06_evaluate.ipynb #1f4830ac
 def operating_point(valid:CXRMetrics, # predictions on the validation split: the threshold is chosen here
                     test:CXRMetrics, # predictions on the test split: the threshold is reported here
                     pos:str='covid', # positive class
@@ -432,6 +435,7 @@ def predict_split(learn, # a fastai Learner (e.g. from `build_learner` or `load_
     finally: learn.metrics = metrics
     return probs.float().numpy(), targets.numpy(), rows, dl
 
+# %% ../nbs/06_evaluate.ipynb #d31b79bb
 def evaluate_learner(learn, # a fastai Learner
                      df:pd.DataFrame, # dataset table with `path`, `label`, `patient_id`, `split`
                      split:str|None='test', # which split to evaluate (None: every row, reported as 'all')
