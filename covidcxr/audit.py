@@ -12,12 +12,13 @@ from .core import *
 from .dicom import read_cxr
 from .hashing import hamming, image_hashes, recipe_split
 from .masks import mask_path, has_mask, masked_copies
-from .evaluate import patient_cis, weighted_mean, macro_auc
+from .evaluate import patient_cis, weighted_mean, macro_auc, evaluate_learner, WITHIN_SOURCE_WHY
 
 # %% auto #0
 __all__ = ['MIN_AUDIT_IMAGES', 'LeakageReport', 'leakage_report', 'image_features', 'source_shortcut_check', 'source_summary',
            'masked_rescore', 'masked_summary', 'lung_masks_as_seen', 'cam_lung_stats', 'cam_in_lungs',
-           'cam_lung_summary', 'tiny_audit_warning', 'load_splits', 'run_audit']
+           'cam_lung_summary', 'within_source_check', 'within_source_summary', 'tiny_audit_warning', 'load_splits',
+           'run_audit']
 
 # %% ../nbs/09_audit.ipynb #246ea541
 class LeakageReport:
@@ -296,6 +297,35 @@ def cam_lung_summary(res:dict)->str:
         f"  (what a heatmap blind to anatomy would score): excess {fmt_ci(res['excess'])}",
         f"  hottest point inside the lungs: {fmt_ci(res['peak_in_lungs'])} of images"])
 
+# %% ../nbs/09_audit.ipynb #48746dfd
+def within_source_check(learn, # a trained fastai Learner (`build_learner` / `load_model`)
+                        df:pd.DataFrame, # rows with `path`, `label`, `patient_id`, `source` (and `split`)
+                        split:str|None='test', # the split to score (None: every row)
+                        n_boot:int=1000, # bootstrap resamples
+                        seed:int=42, # bootstrap seed
+                       )->dict:
+    "The learner's within-source AUC on one split: per source, the AUC with its patient-bootstrap CI and counts, or why there is none."
+    if 'source' not in df: raise ValueError(f"the table needs a `source` column to score within one source; it has {list(df.columns)}")
+    rows = df if split is None else df[df.split == split]
+    known = rows.label.isin(list(learn.dls.vocab))
+    if not known.any(): raise ValueError(f"no {split or 'given'} rows with a label of this model {list(learn.dls.vocab)}")
+    res = evaluate_learner(learn, rows[known].assign(split=split or 'given rows'), split or 'given rows', n_boot=n_boot, seed=seed)
+    return dict(res.within_source(), n_images=res.n_images, n_patients=res.n_patients,
+                excluded=rows[~known].label.value_counts().to_dict())
+
+# %% ../nbs/09_audit.ipynb #8518eb8f
+def within_source_summary(res:dict, # `within_source_check`'s result
+                         )->str:
+    "The within-source check as a few readable lines: why it matters, each source's AUC with its CI and counts, or why there is none."
+    s = [f"within-source AUC of the model ({res['positive_class']}) on the {res['split']} split: {res['n_images']} images of {res['n_patients']} patients",
+         f"  ({WITHIN_SOURCE_WHY})"]
+    for src, e in res['sources'].items():
+        n = ', '.join(f"{c} {v['images']} images / {v['patients']} patients" for c, v in e['by_class'].items())
+        if e['undefined']: s.append(f"  {src}: {e['undefined']}"); continue
+        s += [f"  {src} ({n}): {k} AUC {fmt_ci(v)}" for k, v in e['auc'].items()]
+    if res.get('excluded'): s.append('  not scored (labels the model does not know): ' + ', '.join(f'{k} {v}' for k, v in res['excluded'].items()))
+    return '\n'.join(s)
+
 # %% ../nbs/09_audit.ipynb #f6f8b405
 MIN_AUDIT_IMAGES = 20
 
@@ -331,11 +361,15 @@ def run_audit(data=None, # dataset folder (default: `data_root()`)
               size:int=128, # image size for the source check
               threshold:int=16, # near-duplicate Hamming distance (of 256 bits)
               source_check:bool=True, # also run the source check (needs the feature extractor's weights)
+              model=None, # a run folder (its splits.csv is audited unless `splits` is given) or a Learner: also its within-source AUC on the test split
+              n_boot:int=1000, # bootstrap resamples for the model's within-source AUC
              )->dict:
-    "Leakage and source checks on a recipe's split; returns the audit as a dict with a `summary` text."
+    "Leakage and source checks on a recipe's split (and a model's within-source AUC); returns the audit as a dict with a `summary` text."
     from covidcxr.data import load_dataset, get_recipe
+    from covidcxr.learner import load_model
     df = load_dataset(data)
     get_recipe(recipe)
+    if isinstance(model, (str, Path)): splits, model = splits or Path(model)/'splits.csv', load_model(model)
     if splits: tab, how = load_splits(splits, df), f'split from {splits}'
     else: tab, how = recipe_split(df, recipe, seed=seed)[0], f'recipe {recipe}, split by patient (near-duplicates linked), seed {seed}'
     leak = leakage_report(tab, threshold=threshold)
@@ -346,9 +380,13 @@ def run_audit(data=None, # dataset folder (default: `data_root()`)
     if source_check:
         src = source_shortcut_check(tab, size=size, seed=seed)
         res['source'] = src; parts.append(source_summary(src))
+    if model is not None:
+        ws = within_source_check(model, tab, 'test', n_boot, seed)
+        res['within_source'] = ws; parts.append(within_source_summary(ws))
     res['summary'] = '\n'.join(parts)
-    if out is not None:
+    if out is not None:   # each file written whole (temporary file, then renamed)
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out)/'audit.json').write_text(json.dumps(res, indent=1, default=str))
-        tab[[c for c in ('file', 'patient_id', 'split_group', 'label', 'source', 'split') if c in tab]].to_csv(Path(out)/'splits.csv', index=False)
+        with atomic_file(Path(out)/'audit.json') as t: t.write_text(json.dumps(res, indent=1, default=str))
+        with atomic_file(Path(out)/'splits.csv') as t:
+            tab[[c for c in ('file', 'patient_id', 'split_group', 'label', 'source', 'split') if c in tab]].to_csv(t, index=False)
     return res

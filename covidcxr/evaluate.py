@@ -14,17 +14,18 @@ from fastcore.all import *
 from .core import *
 
 # %% auto #0
-__all__ = ['PER_CLASS', 'check_predictions', 'class_aucs', 'macro_auc', 'metric_arrays', 'patient_weights', 'bootstrap_ci',
-           'weighted_mean', 'patient_cis', 'CXRMetrics', 'evaluate', 'choose_threshold', 'threshold_metrics',
-           'operating_point', 'predict_split', 'evaluate_learner', 'patient_kfold', 'train_fold', 'CVResult',
-           'cross_validate']
+__all__ = ['PER_CLASS', 'WITHIN_SOURCE_WHY', 'NOT_RECORDED', 'check_predictions', 'class_aucs', 'macro_auc', 'metric_arrays',
+           'patient_weights', 'bootstrap_ci', 'weighted_mean', 'patient_cis', 'within_source_auc', 'CXRMetrics',
+           'evaluate', 'choose_threshold', 'threshold_metrics', 'operating_point', 'predict_split', 'evaluate_learner',
+           'patient_kfold', 'train_fold', 'CVResult', 'cross_validate']
 
-# %% ../nbs/06_evaluate.ipynb #4542b4e8
+# %% ../nbs/06_evaluate.ipynb #bd6cae3c
 def _np(x)->np.ndarray:
     "A numpy copy of a tensor, list or array."
     if isinstance(x, torch.Tensor): x = x.detach().cpu().numpy()
     return np.asarray(x)
 
+# %% ../nbs/06_evaluate.ipynb #4542b4e8
 def check_predictions(probs, # (n, C) class probabilities
                       targets, # (n,) class indices into `vocab`
                       vocab, # class names, in the model's order
@@ -75,7 +76,7 @@ def macro_auc(probs:np.ndarray, # (n, C) class probabilities (or out-of-fold sco
     "The ROC AUC (binary for two classes, else the one-vs-rest macro mean) for each row of `W`; NaN where a class is missing."
     return np.mean(class_aucs(probs, targets, W), 0)
 
-# %% ../nbs/06_evaluate.ipynb #667d6242
+# %% ../nbs/06_evaluate.ipynb #021108e6
 def _weighted_ece(probs, targets, W, n_bins=10):
     "Expected calibration error of the top-class confidence, equal-width bins, for each row of `W`."
     conf, correct = probs.max(1), (probs.argmax(1) == targets)
@@ -84,6 +85,7 @@ def _weighted_ece(probs, targets, W, n_bins=10):
     acc_k, conf_k = W @ (onehot * correct[:, None]), W @ (onehot * conf[:, None])   # weighted sums per bin
     return np.abs(acc_k - conf_k).sum(1) / W.sum(1)
 
+# %% ../nbs/06_evaluate.ipynb #667d6242
 PER_CLASS = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1', 'auc', 'prevalence')
 
 def metric_arrays(probs, targets, vocab, W, n_bins:int=10)->dict:
@@ -162,6 +164,67 @@ def patient_cis(stats:dict, # {name: statistic}: each a function of a weight mat
     ci, _ = bootstrap_ci(lambda W: {k: f(W) for k, f in stats.items()}, patient_ids, n_boot, seed, level)
     return {k: {q: float(x) if np.isfinite(x) else None for q, x in v.items()} for k, v in ci.items()}
 
+# %% ../nbs/06_evaluate.ipynb #3d2e2544
+WITHIN_SOURCE_WHY = ("Scored only on the films of one source that holds both classes, so recognising the archive or hospital "
+                     "cannot raise it: the one internal figure the source shortcut cannot inflate.")
+NOT_RECORDED = 'not recorded'   # the source of rows whose `source` is missing
+
+# %% ../nbs/06_evaluate.ipynb #2a68c0b8
+def _class_counts(targets:np.ndarray, # (n,) class indices
+                 patient_ids:np.ndarray, # (n,) patient of each image
+                 vocab:list, # class names
+                )->dict:
+    "`{class: {images, patients}}` for each class present among these rows, in the model's class order."
+    return {vocab[c]: dict(images=int((targets == c).sum()), patients=len(set(patient_ids[targets == c]))) for c in np.unique(targets)}
+
+# %% ../nbs/06_evaluate.ipynb #3f19320a
+def _undefined_reason(source:str, counts:dict, pos:str)->str|None:
+    "Why a source has no within-source AUC ('undefined: ...'), or None when it has the positive class and another."
+    have = ', '.join(f"{k} {v['images']}" for k, v in counts.items())
+    if source == NOT_RECORDED: return f'undefined: the source of these images is not recorded ({have})'
+    if pos not in counts: return f'undefined: no {pos} images from this source (only {have})'
+    if len(counts) == 1: return f"undefined: only {pos} images from this source ({counts[pos]['images']})"
+    return None
+
+# %% ../nbs/06_evaluate.ipynb #d565aa32
+def within_source_auc(probs, # (n, C) class probabilities
+                      targets, # (n,) true class indices into `vocab`
+                      vocab, # class names in the model's order
+                      patient_ids, # (n,) patient of each image: the bootstrap resamples patients inside each source
+                      sources, # (n,) the source (archive, hospital) of each image; missing: 'not recorded'
+                      pos:str|None=None, # the positive class (default: 'covid' if a class, else the last class)
+                      n_boot:int=2000, # bootstrap resamples
+                      seed:int=42, # bootstrap seed
+                      level:float=0.95, # confidence level
+                     )->dict:
+    "Per source, the AUC of `pos` on that source's rows only, with patient-bootstrap CIs and counts; 'undefined: <reason>' where a class is missing."
+    probs, targets, vocab, pids = check_predictions(probs, targets, vocab, patient_ids)
+    pos = ifnone(pos, 'covid' if 'covid' in vocab else vocab[-1])
+    if pos not in vocab: raise ValueError(f"positive class {pos!r} is not one of the classes {vocab}")
+    src = pd.Series(np.asarray(sources, dtype=object))
+    if len(src) != len(probs): raise ValueError(f"sources must have one value per image ({len(probs)}); got {len(src)}")
+    src = src.where(src.notna() & (src.astype(str).str.strip() != ''), NOT_RECORDED).astype(str).values
+    c, out = vocab.index(pos), {}
+    for s in sorted(set(src)):
+        m = src == s; p, t, g = probs[m], targets[m], pids[m]
+        e = dict(n_images=int(m.sum()), n_patients=len(set(g)), by_class=_class_counts(t, g, vocab), auc={}, skipped={})
+        e['undefined'] = _undefined_reason(s, e['by_class'], pos)
+        if e['undefined'] is None:
+            others = [k for k in np.unique(t) if k != c]
+            stats = {f'{pos} vs rest' if len(vocab) > 2 else f'{pos} vs {vocab[1 - c]}': lambda W: class_aucs(p, t, W)[c]}
+            for k in others if len(vocab) > 2 else []:
+                mk = (t == c) | (t == k)
+                stats[f'{pos} vs {vocab[k]}'] = lambda W, mk=mk: class_aucs(p[mk], t[mk], np.atleast_2d(W)[:, mk])[c]
+            ci, sk = bootstrap_ci(lambda W: {k: f(W) for k, f in stats.items()}, g, n_boot, seed, level)
+            e['auc'] = {k: {q: float(x) if np.isfinite(x) else None for q, x in v.items()} for k, v in ci.items()}
+            e['skipped'] = {k: v for k, v in sk.items() if v}   # resamples that drew no patient of a class
+        out[s] = e
+    return dict(positive_class=pos, why=WITHIN_SOURCE_WHY, sources=out,
+                bootstrap=dict(unit='patient, inside each source', method='percentile', n_boot=n_boot, seed=seed, level=level))
+
+# %% ../nbs/06_evaluate.ipynb #811ae45f
+def _num(x): return None if x is None or not np.isfinite(x) else float(x)
+
 # %% ../nbs/06_evaluate.ipynb #b0f4981f
 class CXRMetrics:
     "Metrics of one split with patient-bootstrap 95% CIs; holds the predictions for plots and galleries."
@@ -197,6 +260,16 @@ class CXRMetrics:
                              ci=fmt_ci(v, label=''), skipped=self.skipped.get(k, 0)))
         return pd.DataFrame(rows)
 
+    def within_source(self, pos:str|None=None)->dict|None:
+        "`within_source_auc` of this split by its rows' `source` (None when the rows carry no source); computed once per `pos`."
+        if self.items is None or 'source' not in self.items: return None
+        cache = self.__dict__.setdefault('_within_source', {})
+        if pos not in cache:
+            ws = within_source_auc(self.probs, self.targets, self.vocab, self.patient_ids, self.items['source'].values, pos,
+                                   self.n_boot, self.seed, self.level)
+            cache[pos] = dict(split=self.split, **ws)
+        return cache[pos]
+
     def to_dict(self)->dict:
         "A JSON-ready summary: every metric as {value, ci_low, ci_high}, with split, sizes and bootstrap settings."
         d = dict(split=self.split, n_images=self.n_images, n_patients=self.n_patients, classes=list(self.vocab),
@@ -208,6 +281,8 @@ class CXRMetrics:
                                 skipped={k: v for k, v in self.skipped.items() if v}),
                  ece_bins=self.n_bins)
         if self.operating_point: d['operating_point'] = self.operating_point
+        ws = self.within_source()   # only where the rows carry a `source`
+        if ws is not None: d['within_source'] = ws
         return d
 
     def summary_line(self)->str:
@@ -220,8 +295,6 @@ class CXRMetrics:
         m = self.metrics
         s = f"CXRMetrics(split={self.split!r}, {self.n_images} images of {self.n_patients} patients: accuracy {fmt_ci(m['accuracy'], label='')}"
         return s + (f", macro AUC {fmt_ci(m['macro_auc'], label='')})" if np.isfinite(m['macro_auc']['value']) else ')')
-
-def _num(x): return None if x is None or not np.isfinite(x) else float(x)
 
 # %% ../nbs/06_evaluate.ipynb #9cc00688
 def evaluate(probs, # (n, C) class probabilities (softmax outputs)
@@ -258,6 +331,7 @@ def plot_confusion(self:CXRMetrics, figsize=(9, 4)):
     fig.suptitle(f'Confusion matrix, {self.split} split ({self.n_images} images, {self.n_patients} patients)')
     fig.tight_layout(); return fig
 
+# %% ../nbs/06_evaluate.ipynb #52ebc483
 @patch
 def plot_roc(self:CXRMetrics, figsize=(5, 5)):
     "ROC curve per class (one-vs-rest), AUC with its 95% CI in the legend."
@@ -274,6 +348,7 @@ def plot_roc(self:CXRMetrics, figsize=(5, 5)):
     ax.set_title(f'ROC, {self.split} split ({self.n_patients} patients)'); ax.legend(loc='lower right', fontsize=8)
     ax.set_aspect('equal'); fig.tight_layout(); return fig
 
+# %% ../nbs/06_evaluate.ipynb #0edfc0d0
 @patch
 def plot_reliability(self:CXRMetrics, figsize=(5, 5)):
     "Reliability diagram: accuracy against confidence per bin (bar width: share of images), with ECE and its CI."
@@ -308,6 +383,7 @@ def choose_threshold(probs, targets, vocab,
     i = int(np.argmax(tpr >= target_sensitivity - 1e-12))
     return float(min(thr[i], 1.0))
 
+# %% ../nbs/06_evaluate.ipynb #c5791fbf
 def threshold_metrics(probs, targets, vocab, patient_ids,
                       threshold:float, # call `pos` when its probability is >= threshold
                       pos:str='covid', # the positive class
@@ -323,6 +399,7 @@ def threshold_metrics(probs, targets, vocab, patient_ids,
                         prevalence=(tp + fn_) / W.sum(1))
     return bootstrap_ci(fn, pids, n_boot, seed, level)
 
+# %% ../nbs/06_evaluate.ipynb #1f4830ac
 def operating_point(valid:CXRMetrics, # predictions on the validation split: the threshold is chosen here
                     test:CXRMetrics, # predictions on the test split: the threshold is reported here
                     pos:str='covid', # positive class
@@ -358,6 +435,7 @@ def predict_split(learn, # a fastai Learner (e.g. from `build_learner` or `load_
     finally: learn.metrics = metrics
     return probs.float().numpy(), targets.numpy(), rows, dl
 
+# %% ../nbs/06_evaluate.ipynb #d31b79bb
 def evaluate_learner(learn, # a fastai Learner
                      df:pd.DataFrame, # dataset table with `path`, `label`, `patient_id`, `split`
                      split:str|None='test', # which split to evaluate (None: every row, reported as 'all')

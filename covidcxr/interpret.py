@@ -88,6 +88,7 @@ def learner_inputs(learn:Learner, # a fastai Learner
     if norm: img = img * norm[0].std.float().to(img.device) + norm[0].mean.float().to(img.device)
     return x, y.cpu().numpy(), img.mean(1).clamp(0, 1).cpu().numpy()
 
+# %% ../nbs/07_interpret.ipynb #23e31dff
 def show_cam(img:np.ndarray, # (H, W) image in [0, 1]
              cam:np.ndarray|None=None, # (H, W) heatmap in [0, 1], or None for the image alone
              ax=None, title:str|None=None,
@@ -109,6 +110,7 @@ def without_metrics(learn:Learner):
     try: yield learn
     finally: learn.metrics = metrics
 
+# %% ../nbs/07_interpret.ipynb #a66842d4
 def cxr_interpretation(learn:Learner, # a fastai Learner
                        df:pd.DataFrame, # dataset table with `path`, `label`, `split`
                        split:str|None='test', # which split (None: every row)
@@ -119,6 +121,7 @@ def cxr_interpretation(learn:Learner, # a fastai Learner
     with without_metrics(learn), learn.no_bar():
         return ClassificationInterpretation.from_learner(learn, dl=learn.dls.test_dl(rows, with_labels=True, bs=32))
 
+# %% ../nbs/07_interpret.ipynb #923ff8a6
 def top_losses_table(interp:ClassificationInterpretation, k:int=9)->pd.DataFrame:
     "The `k` images with the highest loss: file, actual, predicted, probability of the prediction, loss."
     losses, idx, items = interp.top_losses(k, items=True)
@@ -129,6 +132,7 @@ def top_losses_table(interp:ClassificationInterpretation, k:int=9)->pd.DataFrame
                              actual=[vocab[int(t)] for t in targs], predicted=[vocab[int(p)] for p in preds.argmax(1)],
                              probability=preds.max(1).values.numpy().round(3), loss=losses.numpy().round(3)))
 
+# %% ../nbs/07_interpret.ipynb #2a29a7a6
 def most_confused_table(interp:ClassificationInterpretation, min_val:int=1)->pd.DataFrame:
     "fastai's `most_confused` as a table: actual, predicted, images."
     with without_metrics(interp.learn), interp.learn.no_bar(): mc = interp.most_confused(min_val)
@@ -171,6 +175,7 @@ def outcome_indices(res:CXRMetrics, cls:str, kind:str)->np.ndarray:
     idx = np.flatnonzero(m)
     return idx[np.argsort(-res.probs[idx].max(1), kind='stable')]
 
+# %% ../nbs/07_interpret.ipynb #a09797fe
 def outcome_gallery(learn:Learner, # the learner that made the predictions
                     res:CXRMetrics, # from `evaluate_learner` (holds the rows and the predictions)
                     cls:str|None=None, # class of interest (default: 'covid' if present, else the first class)
@@ -200,6 +205,7 @@ def outcome_gallery(learn:Learner, # the learner that made the predictions
     fig.suptitle(f"{cls}: true/false positives/negatives, {res.split} split" + (f" ({cam} of the predicted class)" if cam else ''), fontsize=10)
     fig.tight_layout(); return fig
 
+# %% ../nbs/07_interpret.ipynb #9c1a6999
 def outcome_galleries(learn, res:CXRMetrics, k:int=4, cam:str|None='gradcam', layer=None)->dict:
     "One `outcome_gallery` per class (one for two classes, where the second would mirror the first)."
     vocab = list(res.vocab)

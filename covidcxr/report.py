@@ -12,15 +12,15 @@ import numpy as np, pandas as pd
 import matplotlib.pyplot as plt
 from fastcore.all import *
 from .core import *
-from .evaluate import CXRMetrics, CVResult, bootstrap_ci, evaluate_learner, operating_point
+from .evaluate import CXRMetrics, CVResult, bootstrap_ci, evaluate_learner, operating_point, WITHIN_SOURCE_WHY
 from .interpret import cxr_interpretation, top_losses_table, most_confused_table, top_losses_gallery, outcome_galleries
 
 # %% auto #0
 __all__ = ['ORDER', 'NAMES', 'NOT_A_DEVICE', 'SAMPLING_CAVEAT', 'SHORT', 'fmt_number', 'write_atomic', 'fig_png', 'ReportFigure',
            'as_figures', 'metrics_frame', 'roc_band', 'plot_roc_band', 'provenance_frame', 'drop_reasons_frame',
-           'cv_frame', 'plot_cv', 'source_confounding', 'trust_lines', 'report_notes', 'default_figures',
-           'write_report', 'report_json', 'headline_line', 'data_summary_frame', 'split_summary_frame',
-           'error_galleries', 'evaluate_run']
+           'cv_frame', 'plot_cv', 'within_source_frame', 'within_source_line', 'source_confounding', 'trust_lines',
+           'report_notes', 'default_figures', 'write_report', 'report_json', 'headline_line', 'data_summary_frame',
+           'split_summary_frame', 'error_galleries', 'evaluate_run']
 
 # %% ../nbs/08_report.ipynb #8b0e5d31
 def fmt_number(x, # a setting of a run: a rate, a temperature, a count, or anything else (shown as text)
@@ -214,6 +214,27 @@ def plot_cv(cv:CVResult, # from `cross_validate` / `cv_preset`
     axs[0].set_xlabel('fold'); axs[-1].legend(fontsize=7, loc='lower right')
     fig.suptitle(f'{cv.k}-fold cross-validation by patient', fontsize=10); fig.tight_layout(); return fig
 
+# %% ../nbs/08_report.ipynb #3e035022
+def within_source_frame(ws:dict, # `CXRMetrics.within_source()` / `within_source_auc`
+                       )->pd.DataFrame:
+    "Per source and comparison: the AUC with its 95% CI (or 'undefined: <reason>'), images and patients per class, skipped resamples."
+    rows = []
+    for s, e in ws['sources'].items():
+        n = lambda q: ', '.join(f"{c} {v[q]}" for c, v in e['by_class'].items())
+        for k, v in (e['auc'] or {'': None}).items():
+            rows.append({'source': s, 'comparison': k, 'AUC (95% CI)': e['undefined'] or fmt_ci(v, label=''),
+                         'images': n('images'), 'patients': n('patients'), 'resamples skipped': e['skipped'].get(k, 0)})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/08_report.ipynb #51478e8b
+def within_source_line(ws:dict|None, # `CXRMetrics.within_source()` or the `within_source` of a `metrics.json`; None: nothing
+                      )->str|None:
+    "The defined within-source AUCs in one sentence (each source's first comparison), or None when there is none."
+    got = [(s, *next(iter(e['auc'].items()))) for s, e in (ws or {}).get('sources', {}).items() if e['auc']]
+    if not got: return None
+    return '; '.join(f"within {s}: {k} AUC {fmt_ci(v)} ({', '.join(f'{c} {n}' for c, n in ((c, x['patients']) for c, x in ws['sources'][s]['by_class'].items()))} patients)"
+                     for s, k, v in got)
+
 # %% ../nbs/08_report.ipynb #0bee5490
 def source_confounding(df:pd.DataFrame|None, # rows with `label` and `source`, or a summary with an `images` count per (label, source)
                        tol:float=0.1, # a source's share of two labels' images may differ this much before it counts
@@ -238,7 +259,7 @@ def trust_lines(metrics:CXRMetrics, # the figures the report shows
                 data:pd.DataFrame|None=None, # rows, or a (label, source, images) summary; default: `metrics.items`
                 external:str|None=None, # one sentence: the model's figure on a hospital it never saw
                )->dict:
-    "The 'How far to trust this' box as `{topic: sentence}`: split, source confounding, external check, status."
+    "The 'How far to trust this' box as `{topic: sentence}`: split, source confounding, external check, within-source AUC, status."
     rows = data if data is not None and {'label', 'source'} <= set(data.columns) else metrics.items
     out = {'Split': f"{split_method}; the figures are on the {metrics.split} split ({metrics.n_images} images of "
                     f"{metrics.n_patients} patients), with {int(metrics.level * 100)}% CIs from a bootstrap over patients."}
@@ -251,9 +272,12 @@ def trust_lines(metrics:CXRMetrics, # the figures the report shows
     else: out['Sources'] = "The image sources do not differ by label here (each source's share within 10 points across labels)."
     out['External check'] = external or ("None in this report: every figure comes from the same archives the model was trained on. "
                                          "`covidcxr evaluate --model RUN --data DIR --external` measures it on a hospital it never saw.")
+    ws = within_source_line(metrics.within_source())
+    if ws: out['Within one source'] = ws
     out['Status'] = NOT_A_DEVICE
     return out
 
+# %% ../nbs/08_report.ipynb #4166b4dc
 def _trust_html(lines:dict)->str:
     e = html.escape
     return ('<section id="trust" class="note"><h2>How far to trust this</h2><ul>' +
@@ -311,6 +335,18 @@ def _metrics_html(m:CXRMetrics)->list:
                  f'(reached there: {f3(op["valid"]["sensitivity"])}, specificity {f3(op["valid"]["specificity"])}), reported on the '
                  f'<b>{e(str(op["reported_on"]))}</b> split:</p>')
         s.append(_table(pd.DataFrame([{'metric': k, 'value (95% CI)': fmt_ci(v, label='')} for k, v in op['metrics'].items()])))
+    return s + ['</section>']
+
+# %% ../nbs/08_report.ipynb #2b686877
+def _within_source_html(m:CXRMetrics)->list:
+    "The Within-source AUC section (nothing when the rows carry no source)."
+    ws = m.within_source()
+    if ws is None: return []
+    e = html.escape
+    s = ['<section id="within-source"><h2>Within-source AUC</h2>', f'<p>{e(WITHIN_SOURCE_WHY)} Positive class <b>{e(ws["positive_class"])}</b>, '
+         f'{e(str(m.split))} split; 95% CIs from a bootstrap over the patients of each source.</p>', _table(within_source_frame(ws))]
+    if not within_source_line(ws): s.append(f'<p>No source of this split holds both {e(ws["positive_class"])} and another class, '
+                                            'so no within-source AUC can be computed here.</p>')
     return s + ['</section>']
 
 # %% ../nbs/08_report.ipynb #a0b1c2d3
@@ -376,7 +412,7 @@ def write_report(out_dir, # folder to write report.html into
          f'<b>{e(str(metrics.split))}</b> split ({metrics.n_images} images of {metrics.n_patients} patients), with '
          f'{int(metrics.level * 100)}% confidence intervals from a bootstrap that resamples <b>patients</b> '
          f'({metrics.n_boot} resamples, seed {metrics.seed}).</p>']
-    s += _model_html(model_info) + _data_html(split_method, data_summary, split_summary, provenance, dropped) + _metrics_html(metrics)
+    s += _model_html(model_info) + _data_html(split_method, data_summary, split_summary, provenance, dropped) + _metrics_html(metrics) + _within_source_html(metrics)
     s += ['<section id="plots"><h2>Plots</h2><div class="figs">', *_figures_html(figs, 'plots'), '</div></section>', *_cv_html(cv)]
     s += ['<section id="errors"><h2>Errors and galleries</h2>', *[f'<h3>{e(c)}</h3>' + _table(t) for c, t in (tables or {}).items()]]
     s += _figures_html(figs, 'errors') or ['<p>No galleries were made for this report.</p>']
@@ -404,9 +440,10 @@ SHORT = dict(accuracy='accuracy', macro_auc='macro AUC', ece='ECE')
 def headline_line(d:dict, # one split's metrics as `CXRMetrics.to_dict()` writes them (`valid` / `test` of a run's metrics.json, or an evaluation's)
                   metrics=('accuracy', 'macro_auc'), # shown where defined
                  )->str:
-    "One line for people: the split, its images and patients, and the headline metrics with their 95% CIs."
+    "One line for people: the split, its images and patients, the headline metrics and any within-source AUC, with their 95% CIs."
     m = d.get('metrics', {})
-    shown = [f"{SHORT.get(k, k)} {fmt_ci(m[k])}" for k in metrics if k in m]
+    shown = [f"{SHORT.get(k, k)} {fmt_ci(m[k])}" for k in metrics if k in m] + [within_source_line(d.get('within_source'))]
+    shown = [x for x in shown if x]
     return f"{d.get('split')} split ({d.get('n_images')} images of {d.get('n_patients')} patients): " + ('; '.join(shown) or 'no metric defined')
 
 # %% ../nbs/08_report.ipynb #ecc71daa

@@ -28,6 +28,7 @@ def lung_mask(row)->PILMask:
     if mp is None or not mp.is_file(): raise FileNotFoundError(f"{row['file']}: its lung mask {mp} does not exist")
     return PILMask.create((np.asarray(Image.open(mp).convert('L')) > 127).astype(np.uint8))
 
+# %% ../nbs/14_segment.ipynb #179dad36
 def lung_seg_dls(df:pd.DataFrame, # rows with `path`, `file`, `mask` and `split` ('train' / 'valid'; others are ignored)
                  size:int=128, # the square size images and masks are resized (squished) to
                  bs:int=8, # batch size
@@ -61,6 +62,7 @@ def lung_unet(size:int=128, # input size (square)
     net = models.unet.DynamicUnet(encoder, len(SEG_CODES), (size, size), blur=False, self_attention=False)
     return net, (w.source if pretrained else 'none: pretrained=False (random initialisation)')
 
+# %% ../nbs/14_segment.ipynb #09c2fc31
 def lung_seg_learner(dls:DataLoaders, # from `lung_seg_dls`
                      pretrained:bool=True, # ImageNet weights for the encoder
                      **kwargs, # passed to fastai's `Learner`
@@ -117,6 +119,7 @@ def predict_lung_masks(learn:Learner, # a trained lung U-Net
             masks[str(p)] = F.interpolate(pr[None], size=(h, w), mode='bilinear', align_corners=False)[0, 0].numpy() > 0.5
     return [masks.get(str(p)) for p in paths], errors
 
+# %% ../nbs/14_segment.ipynb #28095d66
 def segment_dataset(learn:Learner, # a trained lung U-Net
                     df:pd.DataFrame, # dataset rows (`path`, `file`, ...)
                     dest, # new dataset folder: lung-only images, predicted masks, metadata.csv, skipped.csv
@@ -135,7 +138,8 @@ def segment_dataset(learn:Learner, # a trained lung U-Net
         apply_lung_mask(read_cxr(r['path']), mimg, fill).save(img_out); mimg.save(mask_out)
         rows.append({**{k: v for k, v in r.items() if k != 'path'}, 'file': img_out.relative_to(dest).as_posix(),
                      'mask': mask_out.relative_to(dest).as_posix(), 'lung_fraction': float(m.mean())})
-    table = pd.DataFrame(rows)
-    table.to_csv(dest/'metadata.csv', index=False)
-    sk = pd.DataFrame(skipped, columns=['file', 'reason']); sk.to_csv(dest/'skipped.csv', index=False)
+    table, sk = pd.DataFrame(rows), pd.DataFrame(skipped, columns=['file', 'reason'])
+    for t, name in ((table, 'metadata.csv'), (sk, 'skipped.csv')):
+        dest.mkdir(parents=True, exist_ok=True)
+        with atomic_file(dest/name) as tmp: t.to_csv(tmp, index=False)   # written whole (temporary file, then renamed)
     return table, sk

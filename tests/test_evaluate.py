@@ -1,11 +1,12 @@
 """covidcxr.evaluate: metrics agree with scikit-learn, the patient (cluster) bootstrap behaves as it should,
-thresholds and folds are reproducible. Pure numpy: runs in seconds."""
+thresholds and folds are reproducible, the within-source AUC is the AUC of each source's rows alone. Pure numpy
+(seconds), except the last test, which trains a tiny three-class model on real films (64 px, one epoch)."""
 import numpy as np, pandas as pd, pytest
 from sklearn.metrics import (accuracy_score, recall_score, precision_score, f1_score, roc_auc_score,
                              confusion_matrix)
 from covidcxr.evaluate import (metric_arrays, patient_weights, bootstrap_ci, evaluate, choose_threshold,
                                threshold_metrics, patient_kfold, operating_point, macro_auc, class_aucs,
-                               weighted_mean, patient_cis)
+                               weighted_mean, patient_cis, within_source_auc)
 from covidcxr.core import fmt_ci
 
 
@@ -190,3 +191,76 @@ def test_tables_use_the_one_formatter():
     assert row.ci == fmt_ci(r['accuracy'], label='')
     assert row.ci == f"{row.value:.3f} ({row.ci_low:.3f}-{row.ci_high:.3f})"
     assert fmt_ci(r['accuracy'], label='') in r.summary_line() and '95% CI' in r.summary_line()
+
+
+@pytest.mark.parametrize('C,seed', [(2, 41), (3, 42)])
+def test_within_source_auc_is_each_sources_own_auc(C, seed):
+    "each source's figure is sklearn's AUC on that source's rows alone, its interval the bootstrap of that source's patients alone"
+    p, t = _preds(90, C, seed)
+    src = np.array(['a'] * 50 + ['b'] * 30 + ['c'] * 10)
+    t[80:] = 1                                   # source c: no positive (class 0) image
+    pids = np.array([f'{s}{i // 2}' for i, s in enumerate(src)])   # two images per patient
+    vocab = ['covid', 'normal', 'pneumonia'][:C]
+    ws = within_source_auc(p, t, vocab, pids, src, n_boot=300, seed=5)
+    assert ws['positive_class'] == 'covid' and list(ws['sources']) == ['a', 'b', 'c']
+    for s in ('a', 'b'):
+        m = src == s; e = ws['sources'][s]
+        first = 'covid vs rest' if C > 2 else 'covid vs normal'
+        assert e['undefined'] is None and next(iter(e['auc'])) == first
+        ref = roc_auc_score(t[m] == 0, p[m, 0]) if C > 2 else roc_auc_score(t[m] == 1, p[m, 1])   # two classes: the binary AUC of p1
+        assert e['auc'][first]['value'] == pytest.approx(ref)
+        ref, _ = bootstrap_ci(lambda W: {'x': class_aucs(p[m], t[m], W)[0]}, pids[m], n_boot=300, seed=5)
+        assert e['auc'][first] == pytest.approx(ref['x'])
+        for k in range(1, C) if C > 2 else []:
+            mk = m & np.isin(t, [0, k])
+            assert e['auc'][f'covid vs {vocab[k]}']['value'] == pytest.approx(roc_auc_score(t[mk] == 0, p[mk, 0]))
+        assert e['n_images'] == m.sum() and e['n_patients'] == len(set(pids[m]))
+        assert sum(v['images'] for v in e['by_class'].values()) == m.sum()
+    c = ws['sources']['c']
+    assert c['auc'] == {} and c['undefined'].startswith('undefined: no covid images from this source (only normal 10')
+
+
+def test_within_source_auc_bad_input():
+    p, t = _preds(20, 2, 51)
+    with pytest.raises(ValueError, match='one value per image'): within_source_auc(p, t, ['covid', 'normal'], np.arange(20), ['a'] * 19)
+    with pytest.raises(ValueError, match="'x' is not one of the classes"): within_source_auc(p, t, ['covid', 'normal'], np.arange(20), ['a'] * 20, pos='x')
+    ws = within_source_auc(p, t, ['covid', 'normal'], np.arange(20), [None] * 5 + [''] * 5 + ['a'] * 10, n_boot=20)
+    assert ws['sources']['not recorded']['n_images'] == 10 and ws['sources']['not recorded']['undefined'].startswith('undefined: the source')
+
+
+@pytest.fixture(scope='module')
+def three_class_model():
+    "A tiny three-class model trained on real films of both sources (64 px, one epoch): it has to predict, not to be good."
+    from covidcxr.core import seed_everything
+    from covidcxr.data import load_dataset, patient_split, cxr_dls
+    from covidcxr.learner import build_learner
+    df = load_dataset()
+    seed_everything(0)
+    tr = pd.concat([df[(df.label == l) & (df.source == s)].drop_duplicates('patient_id').head(n)
+                    for l, s, n in (('covid', 'ieee8023', 12), ('pneumonia', 'ieee8023', 4), ('pneumonia', 'nih-chestxray8', 8),
+                                    ('normal', 'ieee8023', 4), ('normal', 'nih-chestxray8', 8))])
+    learn = build_learner(cxr_dls(patient_split(tr, pcts=(0.8, 0.2, 0.), seed=1), size=64, bs=8), 'efficientnet_lite0')
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-3)
+    return learn, df[~df.patient_id.isin(set(tr.patient_id))]
+
+
+@pytest.mark.skipif(not __import__('os').environ.get('COVIDCXR_DATA'), reason='needs COVIDCXR_DATA (the shared X-rays)')
+def test_within_source_auc_of_a_three_class_model_on_real_films(three_class_model):
+    "ieee8023 films the model never saw, all three classes: covid vs rest, vs normal and vs pneumonia inside ieee8023; NIH undefined"
+    from covidcxr.evaluate import evaluate_learner
+    learn, unseen = three_class_model
+    ieee = unseen[unseen.source == 'ieee8023']
+    rows = pd.concat([ieee[ieee.label == 'covid'].head(15), ieee[ieee.label != 'covid'],
+                      unseen[unseen.source == 'nih-chestxray8'].groupby('label').head(5)]).assign(split='heldout')
+    res = evaluate_learner(learn, rows, 'heldout', n_boot=300)
+    ws = res.to_dict()['within_source']
+    assert ws['split'] == 'heldout' and list(learn.dls.vocab) == ['covid', 'normal', 'pneumonia']
+    e, m = ws['sources']['ieee8023'], (res.items.source == 'ieee8023').values
+    assert list(e['auc']) == ['covid vs rest', 'covid vs normal', 'covid vs pneumonia']
+    assert e['auc']['covid vs rest']['value'] == pytest.approx(roc_auc_score(res.targets[m] == 0, res.probs[m, 0]))
+    for k, name in ((1, 'normal'), (2, 'pneumonia')):
+        mk = m & np.isin(res.targets, [0, k])
+        assert e['auc'][f'covid vs {name}']['value'] == pytest.approx(roc_auc_score(res.targets[mk] == 0, res.probs[mk, 0]))
+    for v in e['auc'].values(): assert v['ci_low'] <= v['value'] <= v['ci_high']
+    assert {c: v['images'] for c, v in e['by_class'].items()} == rows[rows.source == 'ieee8023'].label.value_counts().sort_index().to_dict()
+    assert ws['sources']['nih-chestxray8']['undefined'] == 'undefined: no covid images from this source (only normal 5, pneumonia 5)'

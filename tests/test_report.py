@@ -92,6 +92,37 @@ def test_metrics_json(report, run_dir):
     for v in op['metrics'].values(): assert v['ci_low'] <= v['value'] <= v['ci_high']
 
 
+def test_within_source_auc_in_report_and_metrics_json(run_dir, tmp_path):
+    """Held-out ieee8023 films of both classes: the page has the within-source table (with why it matters), metrics.json the same
+    figures, equal to scikit-learn's AUC on that source's rows; the test split, where no source holds both, says why."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+    from covidcxr.core import data_root, fmt_ci
+    from covidcxr.data import load_dataset
+    from covidcxr.evaluate import predict_split, WITHIN_SOURCE_WHY
+    from covidcxr.learner import load_model
+    from covidcxr.report import evaluate_run, headline_line
+    run = tmp_path/'run'; shutil.copytree(run_dir, run)
+    sp, df = pd.read_csv(run/'splits.csv'), load_dataset()
+    ieee = df[(df.source == 'ieee8023') & df.label.isin(['covid', 'pneumonia']) & ~df.patient_id.isin(set(sp.patient_id))]
+    held = pd.concat([ieee[ieee.label == 'covid'].head(20), ieee[ieee.label == 'pneumonia'].head(20)])
+    pd.concat([sp, held[['file', 'patient_id', 'label']].assign(split='heldout')]).to_csv(run/'splits.csv', index=False)
+    rep = evaluate_run(run, split='heldout', n_boot=300, cam=None, k=2)
+    d, html = json.loads((rep.parent/'metrics.json').read_text()), rep.read_text()
+    e = d['within_source']['sources']['ieee8023']
+    assert e['undefined'] is None and list(e['auc']) == ['covid vs pneumonia']
+    assert {c: v['images'] for c, v in e['by_class'].items()} == {'covid': 20, 'pneumonia': (held.label == 'pneumonia').sum()}
+    probs, targets, rows, _ = predict_split(load_model(run), held.assign(path=[str(data_root()/f) for f in held.file]), None)
+    a = e['auc']['covid vs pneumonia']
+    assert a['value'] == pytest.approx(roc_auc_score(targets == 1, probs[:, 1])) and a['ci_low'] <= a['value'] <= a['ci_high']
+    sec = html.split('<section id="within-source">')[1].split('</section>')[0]
+    assert WITHIN_SOURCE_WHY in sec and fmt_ci(a, label='') in sec and 'covid 20' in sec
+    assert f"within ieee8023: covid vs pneumonia AUC {fmt_ci(a)}" in headline_line(d)   # what `covidcxr evaluate` prints
+    assert 'Within one source' in d['how_far_to_trust']
+    t = json.loads((evaluate_run(run_dir, split='test', n_boot=50, cam=None, k=2).parent/'metrics.json').read_text())
+    assert all(v['undefined'].startswith('undefined: ') for v in t['within_source']['sources'].values())
+
+
 def test_missing_file_reported_not_dropped_silently(run_dir, tmp_path):
     from covidcxr.report import evaluate_run
     bad = tmp_path/'run'; shutil.copytree(run_dir, bad)
