@@ -22,7 +22,8 @@ __all__ = ['DICOM_SUFFIXES', 'IMAGE_SUFFIXES', 'CXRReadError', 'EmptyFileError',
            'dicom_pixels', 'read_dicom', 'array_to_dicom', 'dicom_header', 'read_cxr', 'make_bad_inputs', 'PILCXR']
 
 # %% ../nbs/02_dicom.ipynb #5aab7254
-class CXRReadError(ValueError):
+from .errors import BadInputError
+class CXRReadError(BadInputError):
     "A file that cannot be read as a chest X-ray; `.path` names it and `.reason` says why."
     prefix = 'cannot read'
     def __init__(self, path, # the file that failed

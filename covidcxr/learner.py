@@ -34,7 +34,8 @@ def arch_kind(arch:str)->str:
                      "or any timm model name")
 
 # %% ../nbs/05_learner.ipynb #773af9bd
-class WeightsUnavailableError(RuntimeError):
+from .errors import NoWeightsError
+class WeightsUnavailableError(NoWeightsError):
     "Pretrained weights for an architecture could not be found anywhere; the message says how to fix it."
 
 @dataclass
