@@ -131,7 +131,9 @@ def test_serve(model_dir, shared):
         out, err = p.communicate(timeout=90)   # a worker still holding a connection may wait for its deadline (30 s)
     assert p.returncode == 0 and 'stopped' in out, (p.returncode, out, err)
     r = cli('serve', '--model', model_dir.parent/'nope')
-    assert r.returncode == 2 and 'not a covidcxr model or run folder' in r.stderr
+    assert r.returncode == 2 and f"--model {model_dir.parent/'nope'}: no such folder" in r.stderr, r.stderr
+    r = cli('serve', '--model', Path(shared.path.iloc[0]).parent)   # a folder of films, no model
+    assert r.returncode == 2 and 'not a covidcxr model or run folder' in r.stderr, r.stderr
 
 def test_train_cv_writes_folds_and_pooled(tmp_path, shared):
     "`covidcxr train --cv 3`: the preset cross-validated by patient beside the single split, in metrics.json, report.html and the summary."
