@@ -151,7 +151,8 @@ def test_train_cv_writes_folds_and_pooled(tmp_path, shared):
         v = cv['mean_over_folds']['metrics'][k]; assert v['ci_low'] <= v['value'] <= v['ci_high']
         v = cv['pooled_out_of_fold']['metrics'][k]; assert v['ci_low'] <= v['value'] <= v['ci_high']
     assert '3-fold cross-validation by patient' in r.stdout
-    assert r.stdout.count('test split (') == 1 and r.stdout.count('valid split (') == 1, r.stdout   # the summary, once
+    from covidcxr.run import run_summary
+    assert r.stdout.count(run_summary(m)) == 1 and r.stdout.count('test split (') == 1, r.stdout   # the summary, once
     from covidcxr.report import fmt_number
     assert f"lr {fmt_number(m['run']['lr'])}" in r.stdout and f"lr {m['run']['lr']!r}" not in r.stdout, r.stdout   # 2e-3, not 0.002
     assert 'CXRMetrics(' not in r.stdout
