@@ -5,6 +5,7 @@
 # %% ../nbs/11_cli.ipynb #a7b6c34c
 from __future__ import annotations
 import argparse, contextlib, json, math, os, sys, textwrap, warnings
+from functools import partial
 from pathlib import Path
 from .errors import *
 
@@ -57,8 +58,7 @@ def _count(s:str, least:int=1)->int:
     if v < least: raise argparse.ArgumentTypeError(f"expected a number of at least {least}, got {v}")
     return v
 
-def _pos_int(s:str)->int: return _count(s, 1)
-def _nonneg_int(s:str)->int: return _count(s, 0)
+_pos_int, _nonneg_int = partial(_count, least=1), partial(_count, least=0)  # argparse types
 
 # %% ../nbs/11_cli.ipynb #e98e053f
 RECIPE_NAMES = ('covid_vs_pneumonia_146', 'covid_vs_normal_392', 'three_class')  # checked against covidcxr.data.RECIPES below
@@ -268,12 +268,13 @@ def _add_serve(subs):
     s.add_argument('--engine', choices=['torch', 'onnx'], default='torch',
                    help='torch: the saved PyTorch model, with Grad-CAM (default); onnx: model.onnx (covidcxr export) with ONNX Runtime, no Grad-CAM')
 
-# %% ../nbs/11_cli.ipynb #24b78da1
+# %% ../nbs/11_cli.ipynb #24b9aa27
 def _version():
     "The installed covidcxr version, for `--version`."
     try: from covidcxr import __version__; return __version__
     except Exception: return 'unknown'
 
+# %% ../nbs/11_cli.ipynb #24b78da1
 def build_parser()->argparse.ArgumentParser:
     "The `covidcxr` argument parser (cheap: imports nothing heavy)."
     p = argparse.ArgumentParser(prog='covidcxr', formatter_class=argparse.RawDescriptionHelpFormatter,
