@@ -21,7 +21,8 @@ def cache_dir()->Path:
     return Path(os.environ.get('COVIDCXR_HOME', Path.home()/'.covidcxr')).expanduser()
 
 # %% ../nbs/00_core.ipynb #5c5329a5
-class DataNotFoundError(FileNotFoundError):
+from .errors import NoDataError
+class DataNotFoundError(NoDataError):
     "No dataset folder could be found; the message says how to get one."
 
 # %% ../nbs/00_core.ipynb #ef733c2f

@@ -21,7 +21,8 @@ __all__ = ['REQUIRED_COLS', 'OPTIONAL_COLS', 'FRONTAL', 'RECIPES', 'INTENSITY', 
 REQUIRED_COLS = ('file', 'label', 'patient_id')
 OPTIONAL_COLS = ('source', 'view', 'sex', 'age', 'mask', 'finding')
 
-class DatasetError(ValueError):
+from .errors import BadInputError
+class DatasetError(BadInputError):
     "A dataset table that cannot be used as it is; the message names the rows and files."
 
 # %% ../nbs/01_data.ipynb #6d82d8b6

@@ -21,7 +21,8 @@ __all__ = ['MAX_DECODE_PIXELS', 'DICOM_SUFFIXES', 'IMAGE_SUFFIXES', 'CXRReadErro
            'read_cxr', 'image_checks', 'crop_border', 'equalize_film']
 
 # %% ../nbs/02_dicom.ipynb #5aab7254
-class CXRReadError(ValueError):
+from .errors import BadInputError
+class CXRReadError(BadInputError):
     "A file that cannot be read as a chest X-ray; `.path` names it and `.reason` says why."
     prefix = 'cannot read'
     def __init__(self, path, # the file that failed

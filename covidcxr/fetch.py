@@ -27,7 +27,8 @@ SOURCES = {
 DEFAULT_BASE = 'https://github.com'
 ENV_BASE = 'COVIDCXR_FETCH_BASE'
 
-class DownloadError(OSError):
+from .errors import DownloadFailedError
+class DownloadError(DownloadFailedError):
     "A download that failed or did not verify; the message names the URL and the partial file kept for resuming."
 
 # %% ../nbs/04_fetch.ipynb #5705d0da

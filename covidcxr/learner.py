@@ -35,7 +35,8 @@ def arch_kind(arch:str)->str:
                      "or any timm model name")
 
 # %% ../nbs/05_learner.ipynb #773af9bd
-class WeightsUnavailableError(RuntimeError):
+from .errors import NoWeightsError
+class WeightsUnavailableError(NoWeightsError):
     "Pretrained weights for an architecture could not be found anywhere; the message says how to fix it."
 
 @dataclass
@@ -345,7 +346,8 @@ def _version():
     import covidcxr; return covidcxr.__version__
 
 # %% ../nbs/05_learner.ipynb #40c4e151
-class ModelConfigError(ValueError):
+from .errors import ModelFolderError
+class ModelConfigError(ModelFolderError):
     "A model folder's config.json (or weights) that cannot be used; the message names the file and the field."
 
 SIZE_RANGE = (16, 1024)

@@ -22,7 +22,8 @@ __all__ = ['META_COLS', 'PrepareError', 'PrepareResult', 'file_sha256', 'save_cx
 META_COLS = ['file', 'label', 'finding', 'patient_id', 'source', 'view', 'sex', 'age', 'license',
              'orig_width', 'orig_height', 'mask', 'url', 'sha256']
 
-class PrepareError(ValueError):
+from .errors import BadInputError
+class PrepareError(BadInputError):
     "The preparation cannot start (bad arguments or output folder); the message says how to fix it."
 
 # %% ../nbs/03_prepare.ipynb #71d15d14

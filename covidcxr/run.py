@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fastai.vision.all import *
 from .core import *
+from .errors import RunExistsError
 from .data import *
 from .learner import *
 from .evaluate import *
@@ -60,8 +61,8 @@ def run_folder(out, # the run folder to create
     "Yield a temporary sibling of `out` to write into; rename it to `out` on success, remove it on any failure."
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: a run folder already exists; choose another --out, or pass --overwrite to replace it")
-    if out.exists() and not out.is_dir(): raise FileExistsError(f"{out}: exists and is not a folder")
+        raise RunExistsError(f"{out}: a run folder already exists; choose another --out, or pass --overwrite to replace it")
+    if out.exists() and not out.is_dir(): raise RunExistsError(f"{out}: exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f'.{out.name}.partial-*'):   # left by a run killed outright (SIGKILL, power loss)
         pid = stale.name.split('-')[-2] if stale.name.count('-') >= 2 else ''

@@ -63,12 +63,13 @@ def model_card(path, # a model folder (`save_model`) or a run folder (`covidcxr 
 # %% ../nbs/12_serve.ipynb #f25c362e
 MAX_UPLOAD = 64 * 2**20  # bytes: a large uncompressed DICOM is ~30 MB
 
-class UploadError(ValueError):
+from .errors import BadInputError, CovidcxrError
+class UploadError(BadInputError):
     "An upload that cannot be used; the message names the file, `status` is the HTTP status to answer with."
     def __init__(self, msg:str, status:int=400): super().__init__(msg); self.status = status
 
 # %% ../nbs/12_serve.ipynb #ac0c1d34
-class ModelError(RuntimeError):
+class ModelError(CovidcxrError, RuntimeError):
     "The model could not give a usable answer (e.g. probabilities that are NaN); `status` is the HTTP status (500)."
     def __init__(self, msg:str, status:int=500): super().__init__(msg); self.status = status
 

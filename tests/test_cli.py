@@ -50,9 +50,30 @@ def test_fetch_bad_nih_metadata(tmp_path):
     "A wrong NIH table is a usage error (exit 2) naming the file, raised before any download (the base URL points at a closed port)."
     (tmp_path/'labels.csv').write_text('file,label\na.png,covid\n')
     for f, why in [(tmp_path/'labels.csv', "not NIH's Data_Entry table: no column(s) 'Image Index'"), (tmp_path/'nope.csv', 'no such file')]:
-        r = cli('fetch', '--dest', tmp_path/'ds', '--base-url', 'http://127.0.0.1:9', '--nih-metadata', f)
+        r = cli('fetch', '--dest', tmp_path/'ds', '--sources', 'nih', '--base-url', 'http://127.0.0.1:9', '--nih-metadata', f)  # nih only: no wheel needed
         assert r.returncode == 2 and f"{f}: {why}" in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert not (tmp_path/'ds'/'downloads').exists()
+
+def test_fetch_txv_wheel(tmp_path):
+    "`--txv-wheel` is the wheel NIH's table and the masks come from: a missing file exits 2, a wrong one fails its SHA-256 check (exit 1), both before any download."
+    from covidcxr.fetch import TXV_WHEEL
+    args = ('fetch', '--dest', tmp_path/'ds', '--base-url', 'http://127.0.0.1:9', '--txv-wheel')
+    r = cli(*args, tmp_path/'nope.whl')
+    assert r.returncode == 2 and f"--txv-wheel {tmp_path/'nope.whl'}: no such file" in r.stderr, r.stderr
+    fake = tmp_path/TXV_WHEEL['file']; fake.write_bytes(b'PK not the wheel')
+    r = cli(*args, fake)
+    assert r.returncode == 1 and f'{fake}: SHA-256' in r.stderr and TXV_WHEEL['sha256'] in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path/'ds'/'downloads'/'ieee8023-src').exists()
+    r = cli('fetch', '--help')
+    assert TXV_WHEEL['spec'] in r.stdout and '--txv-wheel' in r.stdout
+
+def test_cli_functions_are_small():
+    "The command line stays thin: no function in covidcxr/cli.py over 60 lines (one small parser builder per command)."
+    import ast, covidcxr.cli
+    tree = ast.parse(Path(covidcxr.cli.__file__).read_text())
+    sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert {'_add_train', '_add_evaluate', 'build_parser', 'cmd_train'} <= set(sizes)
+    assert not {n: k for n, k in sizes.items() if k > 60}, sizes
 
 def test_prepare_reports_bad_file(tmp_path, shared):
     tree = tmp_path/'tree'
@@ -110,7 +131,9 @@ def test_serve(model_dir, shared):
         out, err = p.communicate(timeout=90)   # a worker still holding a connection may wait for its deadline (30 s)
     assert p.returncode == 0 and 'stopped' in out, (p.returncode, out, err)
     r = cli('serve', '--model', model_dir.parent/'nope')
-    assert r.returncode == 2 and 'not a covidcxr model or run folder' in r.stderr
+    assert r.returncode == 2 and f"--model {model_dir.parent/'nope'}: no such folder" in r.stderr, r.stderr
+    r = cli('serve', '--model', Path(shared.path.iloc[0]).parent)   # a folder of films, no model
+    assert r.returncode == 2 and 'not a covidcxr model or run folder' in r.stderr, r.stderr
 
 def test_train_cv_writes_folds_and_pooled(tmp_path, shared):
     "`covidcxr train --cv 3`: the preset cross-validated by patient beside the single split, in metrics.json, report.html and the summary."
@@ -128,6 +151,11 @@ def test_train_cv_writes_folds_and_pooled(tmp_path, shared):
         v = cv['mean_over_folds']['metrics'][k]; assert v['ci_low'] <= v['value'] <= v['ci_high']
         v = cv['pooled_out_of_fold']['metrics'][k]; assert v['ci_low'] <= v['value'] <= v['ci_high']
     assert '3-fold cross-validation by patient' in r.stdout
+    from covidcxr.run import run_summary
+    assert r.stdout.count(run_summary(m)) == 1 and r.stdout.count('test split (') == 1, r.stdout   # the summary, once
+    from covidcxr.report import fmt_number
+    assert f"lr {fmt_number(m['run']['lr'])}" in r.stdout and f"lr {m['run']['lr']!r}" not in r.stdout, r.stdout   # 2e-3, not 0.002
+    assert 'CXRMetrics(' not in r.stdout
     assert 'id="cv"' in (out/'report.html').read_text()
     assert m['run']['epochs'] == 1 and m['run']['size'] == 64 and m['run']['preset'] == 'default'
 
@@ -167,17 +195,32 @@ def test_audit_and_train_use_the_same_split(tmp_path, shared):
     from covidcxr.hashing import recipe_split
     for r in RECIPES:
         out = tmp_path/r
-        res = cli('audit', '--recipe', r, '--no-source-check', '--out', out)
+        res = cli('audit', '--recipe', r, '--no-source-check', '--out', out, '--json')
         assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(res.stdout) == json.loads((out/'audit.json').read_text())   # --json: the audit on stdout, as written
         audited = pd.read_csv(out/'splits.csv').set_index('file').split
         trained = recipe_split(shared, r)[0].set_index('file').split   # what train_run writes to splits.csv (10_run checks that)
         assert audited.sort_index().to_dict() == trained.sort_index().to_dict(), r
 
 def test_train_three_class_end_to_end(tmp_path, shared):
-    "The three-class recipe trains, evaluates, checks the lungs (COVID films only: one class) and writes its report without error."
+    "The three-class recipe trains (`--json`: its summary on stdout, the log on stderr), checks the lungs (COVID films only: one class) and writes its report."
     out = tmp_path/'run3c'
-    r = cli('train', '--recipe', 'three_class', '--size', '64', '--freeze-epochs', '0', '--epochs', '1', '--out', out)
+    r = cli('train', '--recipe', 'three_class', '--size', '64', '--freeze-epochs', '0', '--epochs', '1', '--out', out, '--json')
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out/'metrics.json').read_text())
+    j = json.loads(r.stdout)
+    assert (j['out'], j['run'], j['split'], j['test']['metrics']) == (str(out), m['run'], m['split'], m['test']['metrics'])
+    assert 'by patient' in j['split']['method'] and 'unfrozen epoch 1/1' in r.stderr and 'wrote' in r.stderr
+    # evaluate: the headline figures with their CIs and the split, for people; the evaluation's metrics.json for scripts
+    r = cli('evaluate', '--model', out/'model', '--split', 'valid', '--out', tmp_path/'ev')
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((tmp_path/'ev'/'metrics.json').read_text())
+    acc = d['metrics']['accuracy']
+    assert r.stdout.startswith(f"valid split ({d['n_images']} images of {d['n_patients']} patients): accuracy {acc['value']:.3f} (95% CI {acc['ci_low']:.3f}-{acc['ci_high']:.3f})"), r.stdout
+    assert 'split by patient' in r.stdout and f"wrote {tmp_path/'ev'/'report.html'}" in r.stdout
+    r = cli('evaluate', '--model', out, '--split', 'valid', '--out', tmp_path/'ev2', '--json', '--quiet')
+    assert r.returncode == 0 and r.stderr == '', r.stderr[-2000:]
+    j = json.loads(r.stdout)
+    assert j['metrics'] == d['metrics'] and j['report'] == str(tmp_path/'ev2'/'report.html')
     assert m['test']['classes'] == ['covid', 'normal', 'pneumonia'] and (out/'report.html').is_file()
     assert m['attention']['cam_in_lungs']['labels'] == {'covid': m['attention']['cam_in_lungs']['n_images']}
