@@ -427,6 +427,7 @@ def cmd_train(a)->int:
         m = train_run(recipe=a.recipe, preset=a.preset, arch=a.arch, epochs=a.epochs, freeze_epochs=a.freeze_epochs, size=a.size,
                       bs=a.bs, lr=a.lr, intensity=a.intensity, fallback_arch=a.fallback_arch, seed=a.seed, pretrained=a.pretrained,
                       weights=a.weights, out=a.out, overwrite=a.overwrite, data=a.data, cv=a.cv, calibrate_probs=a.calibrate)
+    if m.get('rank'): return EXIT_OK   # under a data-parallel launcher only rank 0 writes and reports
     emit(a, f'{run_summary(m)}\nrun folder: {a.out}', run_json(m, a.out))
     return EXIT_OK
 
