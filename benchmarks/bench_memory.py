@@ -9,7 +9,7 @@ disk) and a 16-bit DICOM of the same size into a temporary folder, then measures
   - with a run folder (`--run RUN`): `covidcxr predict --model RUN` on the PNG, and on a real shared film for comparison
     (the process's own baseline: torch, fastai and the model).
 
-Usage: .venv/bin/python benchmarks/bench_memory.py [--run RUN] [--size 9400] [--film FILE]
+Usage: .venv/bin/python benchmarks/bench_memory.py [--run RUN [--onnx]] [--size 9400] [--film FILE]
 """
 import argparse, os, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
@@ -29,6 +29,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--run', help='a run folder (covidcxr train --out) to measure `covidcxr predict` with')
     ap.add_argument('--size', type=int, default=9400, help='side of the synthetic images (default 9400)')
+    ap.add_argument('--onnx', action='store_true', help='also export the run to ONNX and measure `predict --engine onnx`')
     ap.add_argument('--film', help='a normal-sized film for the predict baseline (default: the first in $COVIDCXR_DATA)')
     a = ap.parse_args()
     py, cli = sys.executable, str(Path(sys.executable).with_name('covidcxr'))
@@ -53,6 +54,10 @@ def main():
                 root = data_root(); film = str(root/pd.read_csv(root/'metadata.csv').file.iloc[0])
             rows.append((f'covidcxr predict {Path(film).name[:30]}', peak([cli, 'predict', '--model', a.run, film])))
             rows.append(('covidcxr predict big16.png', peak([cli, 'predict', '--model', a.run, str(tmp/'big16.png')])))
+            if a.onnx:   # the exported model: ONNX Runtime, neither torch nor fastai in the process
+                subprocess.run([cli, 'export', '--model', a.run, '--format', 'onnx'], check=True, capture_output=True)
+                rows.append((f'predict --engine onnx {Path(film).name[:20]}', peak([cli, 'predict', '--model', a.run, '--engine', 'onnx', film])))
+                rows.append(('predict --engine onnx big16.png', peak([cli, 'predict', '--model', a.run, '--engine', 'onnx', str(tmp/'big16.png')])))
         print(f"{'what':45s} {'peak RSS MB':>12s} {'seconds':>8s}  output")
         for name, (rss, secs, out) in rows: print(f'{name:45s} {rss:12.0f} {secs:8.1f}  {out[:100]}')
     finally: shutil.rmtree(tmp, ignore_errors=True)
