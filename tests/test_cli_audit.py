@@ -44,7 +44,7 @@ def test_clear_errors_and_exit_codes(shared, tmp_path):
     code, _, err = _audit('--splits', tmp_path/'nope.csv', '--no-source-check')
     assert code == EXIT_USAGE and f'--splits {tmp_path/"nope.csv"}: no such file' in err
     code, _, err = _audit('--model', tmp_path, '--no-source-check')
-    assert code == EXIT_USAGE and 'not a run folder' in err and len(err.strip().splitlines()) == 1
+    assert code == EXIT_USAGE and 'not a covidcxr model or run folder' in err and len(err.strip().splitlines()) == 1
     pd.DataFrame({'file': ['images/nowhere.jpg'], 'split': ['train']}).to_csv(tmp_path/'gone.csv', index=False)
     code, _, err = _audit('--splits', tmp_path/'gone.csv', '--no-source-check')
     assert code != 0 and 'gone.csv' in err and 'not in the dataset' in err

@@ -69,7 +69,7 @@ def test_onnx_matches_pytorch_on_real_films(run_dir, films):
     assert d <= 1e-4, d
     assert pt[pt.file.str.endswith('corrupt.jpg')].error.iloc[0].startswith('truncated or corrupt')
     assert pt[pt.file.str.endswith('blank.png')].not_classified.iloc[0].startswith('not classified: nearly constant')
-    assert 'does not look like a frontal chest X-ray' in po[po.file.str.endswith('cat.png')].not_classified.iloc[0]
+    assert po[po.file.str.endswith('cat.png')].not_classified.iloc[0].startswith('not classified: a colour image')   # the cheap check, both engines
     assert _hashes(films) == before   # no input file is modified
     print(f'{ok.sum()} real films classified by both engines; max probability difference {d:.1e}')
 
