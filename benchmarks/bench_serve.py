@@ -16,6 +16,7 @@ Usage (from the repository root):
     COVIDCXR_DATA=/path/to/cxr .venv/bin/python benchmarks/bench_serve.py            # 224 px, 20 uploads per setting
     COVIDCXR_DATA=/path/to/cxr .venv/bin/python benchmarks/bench_serve.py --size 128 --n 10
     COVIDCXR_DATA=/path/to/cxr .venv/bin/python benchmarks/bench_serve.py --load     # 200 predictions from 20 clients, 40 stalled
+    COVIDCXR_DATA=/path/to/cxr .venv/bin/python benchmarks/bench_serve.py --load --clients 2 --requests 2 --stalled 0 --big 8   # 8 huge uploads at once
 """
 import argparse, json, os, resource, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request, urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,24 @@ def stalled_test(url:str, pid:int, files:list, a):
     print(f"  a real prediction sent while they stalled took {t_during}; one after: {_post(url, files[2]):.2f} s")
     print(f"  server memory after: RSS {_rss_mib(pid)['VmRSS']:.0f} MiB")
 
+def big_test(url:str, pid:int, tmp:Path, n:int, side:int=9400):
+    "`n` concurrent uploads of a synthetic `side` x `side` 16-bit PNG; prints the answers and the server's peak memory."
+    from PIL import Image
+    arr = (np.add.outer(np.arange(side, dtype=np.uint32), np.arange(side, dtype=np.uint32)) * 4095 // (2 * side)).astype(np.uint16) * 16
+    f = tmp/'big16.png'; Image.fromarray(arr).save(f); del arr
+    before = _rss_mib(pid)
+    def one(i):
+        req = urllib.request.Request(url + f'predict?name=big{i}.png', data=f.read_bytes(), method='POST')
+        t0 = time.perf_counter()
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r: j = json.loads(r.read()); return r.status, j.get('classified'), time.perf_counter() - t0
+        except urllib.error.HTTPError as e: return e.code, None, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as ex: res = list(ex.map(one, range(n)))
+    after = _rss_mib(pid)
+    print(f"big uploads: {n} concurrent {side}x{side} 16-bit PNGs ({f.stat().st_size / 1e6:.1f} MB each): statuses {sorted(r[0] for r in res)}, "
+          f"{time.perf_counter() - t0:.1f} s wall; server RSS {before['VmRSS']:.0f} MiB before, peak {after['VmHWM']:.0f} MiB")
+
 def load_test(mdir:Path, files:list, a):
     "Concurrent predictions, then stalled clients, against a `serve()` subprocess; prints the figures."
     log = Path(mdir).parent/'server.log'
@@ -95,6 +114,7 @@ def load_test(mdir:Path, files:list, a):
         print(f"  server memory: RSS {before['VmRSS']:.0f} MiB before (after one warm-up), {after['VmRSS']:.0f} MiB after, "
               f"peak {after['VmHWM']:.0f} MiB")
         if a.stalled: stalled_test(url, p.pid, files, a)
+        if a.big: big_test(url, p.pid, Path(mdir).parent, a.big)
         t0 = time.monotonic(); p.send_signal(signal.SIGTERM); p.wait(60)
         print(f"SIGTERM: exit code {p.returncode} after {time.monotonic() - t0:.2f} s")
     finally:
@@ -109,6 +129,7 @@ def main():
     ap.add_argument('--requests', type=int, default=10, help='--load: predictions per client (default: 10)')
     ap.add_argument('--stalled', type=int, default=40, help='--load: stalled clients (default: 40)')
     ap.add_argument('--timeout', type=float, default=2., help="--load: the server's request timeout, s (default: 2)")
+    ap.add_argument('--big', type=int, default=0, help='--load: then this many concurrent uploads of a 9400x9400 16-bit PNG (peak memory)')
     ap.add_argument('--workers', type=int, default=16, help="--load: the server's worker threads (default: 16)")
     ap.add_argument('--no-cam', dest='cam', action='store_false', help='--load: no Grad-CAM (default: on, as `covidcxr serve`)')
     a = ap.parse_args()
