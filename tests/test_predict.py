@@ -12,15 +12,12 @@ def cli(*args):
     return subprocess.run(CMD + [str(a) for a in args], capture_output=True, text=True, timeout=300)
 
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory, shared):
+def run_dir(tmp_path_factory, tiny_learner):
     "A run-like folder: a tiny EfficientNet-Lite0 (64 px, 1 epoch, 24 real films), calibrated, with its guard, as `covidcxr train` saves it."
-    from covidcxr.data import patient_split, cxr_dls
-    from covidcxr.learner import build_learner, save_model, calibrate
+    from covidcxr.learner import save_model, calibrate
     from covidcxr.guard import OODGuard
-    small = pd.concat([shared[shared.label == l].drop_duplicates('patient_id').head(12) for l in ('covid', 'pneumonia')])
-    small = patient_split(small, pcts=(0.75, 0.25, 0.), seed=3)
-    learn = build_learner(cxr_dls(small, size=64, bs=8), 'efficientnet_lite0')
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-3); calibrate(learn)
+    learn = tiny_learner(12, (0.75, 0.25, 0.), 3)
+    with learn.no_bar(), learn.no_logging(): calibrate(learn)
     run = tmp_path_factory.mktemp('pred')/'run'
     OODGuard.fit(learn).save(save_model(learn, run/'model'))
     (run/'metrics.json').write_text(json.dumps(dict(split=dict(method='by patient', split_id=None))))
