@@ -14,10 +14,10 @@ from fastcore.all import *
 from .core import *
 
 # %% auto #0
-__all__ = ['PER_CLASS', 'WITHIN_SOURCE_WHY', 'NOT_RECORDED', 'check_predictions', 'class_aucs', 'macro_auc', 'metric_arrays',
-           'patient_weights', 'bootstrap_ci', 'weighted_mean', 'patient_cis', 'within_source_auc', 'CXRMetrics',
-           'evaluate', 'choose_threshold', 'threshold_metrics', 'operating_point', 'predict_split', 'evaluate_learner',
-           'patient_kfold', 'train_fold', 'CVResult', 'cross_validate']
+__all__ = ['PER_CLASS', 'WITHIN_SOURCE_WHY', 'NOT_RECORDED', 'SOURCE_ONLY_WHY', 'check_predictions', 'class_aucs', 'macro_auc',
+           'metric_arrays', 'patient_weights', 'bootstrap_ci', 'weighted_mean', 'patient_cis', 'within_source_auc',
+           'source_only_auc', 'CXRMetrics', 'evaluate', 'choose_threshold', 'threshold_metrics', 'operating_point',
+           'predict_split', 'evaluate_learner', 'patient_kfold', 'train_fold', 'CVResult', 'cross_validate']
 
 # %% ../nbs/06_evaluate.ipynb #bd6cae3c
 def _np(x)->np.ndarray:
@@ -222,6 +222,28 @@ def within_source_auc(probs, # (n, C) class probabilities
     return dict(positive_class=pos, why=WITHIN_SOURCE_WHY, sources=out,
                 bootstrap=dict(unit='patient, inside each source', method='percentile', n_boot=n_boot, seed=seed, level=level))
 
+# %% ../nbs/06_evaluate.ipynb #e96a678d
+SOURCE_ONLY_WHY = ("The macro AUC of a scorer that sees only each image's source (archive or hospital) and scores it by its class's "
+                   "share among these rows of that source: the best a pure source detector can reach on these rows.")
+
+def source_only_auc(targets, # (n,) true class indices into `vocab`
+                    vocab, # class names in the model's order
+                    patient_ids, # (n,) patient of each image: the bootstrap resamples patients
+                    sources, # (n,) the source (archive, hospital) of each image; missing: 'not recorded'
+                    n_boot:int=2000, # bootstrap resamples
+                    seed:int=42, # bootstrap seed
+                    level:float=0.95, # confidence level
+                   )->dict:
+    "The macro AUC a scorer knowing only each image's source reaches on these rows (its ceiling), with a patient-bootstrap CI."
+    t, vocab, pids = np.asarray(targets), list(vocab), np.asarray(patient_ids)
+    src = pd.Series(np.asarray(sources, dtype=object))
+    if not (len(src) == len(t) == len(pids)): raise ValueError(f"targets, patient_ids and sources must have one value per image; got {len(t)}, {len(pids)}, {len(src)}")
+    src = src.where(src.notna() & (src.astype(str).str.strip() != ''), NOT_RECORDED).astype(str).values
+    share = pd.crosstab(src, t, normalize='index').reindex(columns=range(len(vocab)), fill_value=0.)
+    scores = share.loc[src].to_numpy(np.float64)   # each image: its source's class shares
+    ci, sk = bootstrap_ci(lambda W: {'macro_auc': macro_auc(scores, t, W)}, pids, n_boot, seed, level)
+    return dict(**ci['macro_auc'], n_sources=int(len(share)), skipped=sk['macro_auc'], why=SOURCE_ONLY_WHY)
+
 # %% ../nbs/06_evaluate.ipynb #811ae45f
 def _num(x): return None if x is None or not np.isfinite(x) else float(x)
 
@@ -270,6 +292,14 @@ class CXRMetrics:
             cache[pos] = dict(split=self.split, **ws)
         return cache[pos]
 
+    def source_only(self)->dict|None:
+        "`source_only_auc` of this split's rows (None when they carry no source): what the source alone would score."
+        if self.items is None or 'source' not in self.items: return None
+        if '_source_only' not in self.__dict__:
+            self._source_only = dict(split=self.split, **source_only_auc(self.targets, self.vocab, self.patient_ids,
+                                                                          self.items['source'].values, self.n_boot, self.seed, self.level))
+        return self._source_only
+
     def to_dict(self)->dict:
         "A JSON-ready summary: every metric as {value, ci_low, ci_high}, with split, sizes and bootstrap settings."
         d = dict(split=self.split, n_images=self.n_images, n_patients=self.n_patients, classes=list(self.vocab),
@@ -283,6 +313,8 @@ class CXRMetrics:
         if self.operating_point: d['operating_point'] = self.operating_point
         ws = self.within_source()   # only where the rows carry a `source`
         if ws is not None: d['within_source'] = ws
+        so = self.source_only()
+        if so is not None: d['source_only'] = so
         return d
 
     def summary_line(self)->str:

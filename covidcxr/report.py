@@ -18,9 +18,9 @@ from .interpret import cxr_interpretation, top_losses_table, most_confused_table
 # %% auto #0
 __all__ = ['ORDER', 'NAMES', 'NOT_A_DEVICE', 'SAMPLING_CAVEAT', 'SHORT', 'fmt_number', 'write_atomic', 'fig_png', 'ReportFigure',
            'as_figures', 'metrics_frame', 'roc_band', 'plot_roc_band', 'provenance_frame', 'drop_reasons_frame',
-           'cv_frame', 'plot_cv', 'within_source_frame', 'within_source_line', 'source_confounding', 'trust_lines',
-           'report_notes', 'default_figures', 'write_report', 'report_json', 'headline_line', 'data_summary_frame',
-           'split_summary_frame', 'error_galleries', 'evaluate_run']
+           'cv_frame', 'plot_cv', 'within_source_frame', 'within_source_line', 'source_only_line', 'source_confounding',
+           'trust_lines', 'report_notes', 'default_figures', 'write_report', 'report_json', 'headline_line',
+           'data_summary_frame', 'split_summary_frame', 'error_galleries', 'evaluate_run']
 
 # %% ../nbs/08_report.ipynb #8b0e5d31
 def fmt_number(x, # a setting of a run: a rate, a temperature, a count, or anything else (shown as text)
@@ -235,6 +235,18 @@ def within_source_line(ws:dict|None, # `CXRMetrics.within_source()` or the `with
     return '; '.join(f"within {s}: {k} AUC {fmt_ci(v)} ({', '.join(f'{c} {n}' for c, n in ((c, x['patients']) for c, x in ws['sources'][s]['by_class'].items()))} patients)"
                      for s, k, v in got)
 
+# %% ../nbs/08_report.ipynb #128f4708
+def source_only_line(so:dict|None, # `CXRMetrics.source_only()` or the `source_only` of a `metrics.json`; None: nothing
+                     model_auc:dict|None=None, # the model's macro AUC on the same rows ({value, ci_low, ci_high})
+                    )->str|None:
+    "The source-only baseline in one sentence, and whether the model's macro AUC is above it; None with fewer than two sources."
+    if not so or so.get('n_sources', 0) < 2 or so.get('value') is None or not np.isfinite(so['value']): return None
+    s = f"a scorer that knows only each image's source reaches macro AUC {fmt_ci(so)} on these patients"
+    if not model_auc or model_auc.get('value') is None: return s
+    d = model_auc['value'] - so['value']
+    return s + (f"; the model is {d:.3f} above it" if d > 0 else
+                f"; the model ({model_auc['value']:.3f}) is not above it: these figures show nothing a source detector could not")
+
 # %% ../nbs/08_report.ipynb #0bee5490
 def source_confounding(df:pd.DataFrame|None, # rows with `label` and `source`, or a summary with an `images` count per (label, source)
                        tol:float=0.1, # a source's share of two labels' images may differ this much before it counts
@@ -259,7 +271,7 @@ def trust_lines(metrics:CXRMetrics, # the figures the report shows
                 data:pd.DataFrame|None=None, # rows, or a (label, source, images) summary; default: `metrics.items`
                 external:str|None=None, # one sentence: the model's figure on a hospital it never saw
                )->dict:
-    "The 'How far to trust this' box as `{topic: sentence}`: split, source confounding, external check, within-source AUC, status."
+    "The 'How far to trust this' box as `{topic: sentence}`: split, source confounding, external check, within-source AUC, source-only baseline, status."
     rows = data if data is not None and {'label', 'source'} <= set(data.columns) else metrics.items
     out = {'Split': f"{split_method}; the figures are on the {metrics.split} split ({metrics.n_images} images of "
                     f"{metrics.n_patients} patients), with {int(metrics.level * 100)}% CIs from a bootstrap over patients."}
@@ -274,6 +286,8 @@ def trust_lines(metrics:CXRMetrics, # the figures the report shows
                                          "`covidcxr evaluate --model RUN --data DIR --external` measures it on a hospital it never saw.")
     ws = within_source_line(metrics.within_source())
     if ws: out['Within one source'] = ws
+    so = source_only_line(metrics.source_only(), metrics['macro_auc'])
+    if so: out['Source alone'] = so[0].upper() + so[1:] + '.'
     out['Status'] = NOT_A_DEVICE
     return out
 
@@ -440,9 +454,10 @@ SHORT = dict(accuracy='accuracy', macro_auc='macro AUC', ece='ECE')
 def headline_line(d:dict, # one split's metrics as `CXRMetrics.to_dict()` writes them (`valid` / `test` of a run's metrics.json, or an evaluation's)
                   metrics=('accuracy', 'macro_auc'), # shown where defined
                  )->str:
-    "One line for people: the split, its images and patients, the headline metrics and any within-source AUC, with their 95% CIs."
+    "One line for people: the split, its images and patients, the headline metrics any within-source AUC and the source-only baseline, with their 95% CIs."
     m = d.get('metrics', {})
-    shown = [f"{SHORT.get(k, k)} {fmt_ci(m[k])}" for k in metrics if k in m] + [within_source_line(d.get('within_source'))]
+    shown = [f"{SHORT.get(k, k)} {fmt_ci(m[k])}" for k in metrics if k in m] + [within_source_line(d.get('within_source')),
+                                                                              source_only_line(d.get('source_only'), m.get('macro_auc'))]
     shown = [x for x in shown if x]
     return f"{d.get('split')} split ({d.get('n_images')} images of {d.get('n_patients')} patients): " + ('; '.join(shown) or 'no metric defined')
 
