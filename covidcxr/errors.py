@@ -16,33 +16,28 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 3,
 class CovidcxrError(Exception):
     "Base of the errors covidcxr raises for a user; `exit_code` is what `covidcxr` exits with (class default, or per instance)."
     exit_code = EXIT_FAILED
+    def __init_subclass__(cls, exit_code:int|None=None, # a kind's exit code (`EXIT_*`); None: inherit it
+                          **kwargs):
+        "Set a kind's `exit_code` from its class line, and end its docstring with it."
+        super().__init_subclass__(**kwargs)
+        if exit_code is None: return
+        cls.exit_code = exit_code
+        if cls.__doc__: cls.__doc__ = f'{cls.__doc__} (exit {exit_code}).'
 
 # %% ../nbs/00a_errors.ipynb #6e4732c1
-class BadInputError(CovidcxrError, ValueError):
-    "Bad input (a file, a table, an option's value); the message names the file and the problem (exit 2)."
-    exit_code = EXIT_USAGE
+class BadInputError(CovidcxrError, ValueError, exit_code=EXIT_USAGE): "Bad input (a file, a table, an option's value); the message names the file and the problem"
 
 # %% ../nbs/00a_errors.ipynb #0aa2351b
-class NoDataError(CovidcxrError, FileNotFoundError):
-    "No dataset folder could be found; the message says how to get one (exit 3)."
-    exit_code = EXIT_NOT_FOUND
+class NoDataError(CovidcxrError, FileNotFoundError, exit_code=EXIT_NOT_FOUND): "No dataset folder could be found; the message says how to get one"
 
 # %% ../nbs/00a_errors.ipynb #4601496b
-class ModelFolderError(CovidcxrError, ValueError):
-    "A model or run folder that cannot be used; the message names the folder or file and what is wrong (exit 2)."
-    exit_code = EXIT_USAGE
+class ModelFolderError(CovidcxrError, ValueError, exit_code=EXIT_USAGE): "A model or run folder that cannot be used; the message names the folder or file and what is wrong"
 
 # %% ../nbs/00a_errors.ipynb #8b962671
-class NoWeightsError(CovidcxrError, RuntimeError):
-    "Pretrained weights could not be found anywhere; the message says how to get them (exit 3)."
-    exit_code = EXIT_NOT_FOUND
+class NoWeightsError(CovidcxrError, RuntimeError, exit_code=EXIT_NOT_FOUND): "Pretrained weights could not be found anywhere; the message says how to get them"
 
 # %% ../nbs/00a_errors.ipynb #a288682b
-class RunExistsError(CovidcxrError, FileExistsError):
-    "An output folder that already holds a run; the message says to choose another or overwrite it (exit 2)."
-    exit_code = EXIT_USAGE
+class RunExistsError(CovidcxrError, FileExistsError, exit_code=EXIT_USAGE): "An output folder that already holds a run; the message says to choose another or overwrite it"
 
 # %% ../nbs/00a_errors.ipynb #203d8f4a
-class DownloadFailedError(CovidcxrError, OSError):
-    "A download that failed or did not verify; the message names the URL (exit 1)."
-    exit_code = EXIT_FAILED
+class DownloadFailedError(CovidcxrError, OSError, exit_code=EXIT_FAILED): "A download that failed or did not verify; the message names the URL"
