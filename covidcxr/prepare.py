@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
+from fastcore.meta import delegates
 from fastprogress.fastprogress import progress_bar
 from .core import *
 from .dicom import *
@@ -121,8 +122,8 @@ def _looks_dicom(p:Path, # any file
 def prepare_items(items:list, # dicts: `src` (path), `rel` (name to report), `label`, `subdir`, and any metadata columns
                   out, # dataset folder to write
                   size:int=512, # longer side of the written images
-                  patient_pattern:str|None=None, # regex on the file name; its first group is the patient id
-                  source:str='local', # value of the `source` column where an item has none
+                  patient_pattern:str|None=None, # regex on file names; its first group is the patient id (where the header and the item give none)
+                  source:str|None=None, # the `source` column where an item has none (default: 'local'; from a folder: its name, from a CSV: its stem)
                   skipped:list|None=None, # (file, reason) pairs already found by the caller
                   notes:dict|None=None, # extra lines for the summary
                   progress:bool|None=None, # show a progress bar (default: when interactive)
@@ -146,7 +147,7 @@ def prepare_items(items:list, # dicts: `src` (path), `rel` (name to report), `la
         w,h = img.info.get('orig_size', img.size)  # the stored size, also for an image decoded reduced
         save_cxr(img, out/rel, size=size)
         row = dict(file=rel, label=it['label'], finding=it.get('finding', ''), patient_id=str(pid),
-                   source=it.get('source') or source, view=it.get('view') or hdr.get('view') or '',
+                   source=it.get('source') or source or 'local', view=it.get('view') or hdr.get('view') or '',
                    sex=it.get('sex') or hdr.get('sex') or '', age=it.get('age') if it.get('age') not in (None, '') else hdr.get('age'),
                    license=it.get('license', ''), orig_width=w, orig_height=h, mask='', url=it.get('url', ''),
                    sha256=file_sha256(src))
@@ -192,16 +193,13 @@ def _walk(root:Path)->tuple:
     return sorted(files), sorted(problems)
 
 # %% ../nbs/03_prepare.ipynb #98bb9127
+@delegates(prepare_items, but=['items', 'out', 'skipped', 'notes'])
 def prepare_from_folders(root, # folder with one sub-folder per label
                          out, # dataset folder to write (must not be inside `root`)
-                         patient_pattern:str|None=None, # regex on file names; its first group is the patient id
-                         size:int=512, # longer side of the written images
                          label_map:dict|None=None, # rename folders to labels, e.g. {'No_findings': 'normal'}
-                         source:str|None=None, # the `source` column (default: the name of `root`)
                          overwrite:bool=False, # allow writing over an existing dataset in `out`
-                         progress:bool|None=None, # progress bar (default: when interactive)
-                        )->PrepareResult:
-    "Turn a folder-per-class tree of PNG / JPEG / DICOM files into a covidcxr dataset in `out`."
+                         **kwargs)->PrepareResult:
+    "Turn a folder-per-class tree of PNG / JPEG / DICOM files into a covidcxr dataset in `out` (`kwargs`: `prepare_items`')."
     root = Path(root).expanduser()
     if not root.is_dir(): raise PrepareError(f"{root}: not a folder; expected one sub-folder per label")
     out = _check_out(out, [root], overwrite)
@@ -216,23 +214,21 @@ def prepare_from_folders(root, # folder with one sub-folder per label
         items.append(dict(src=root/rel, rel=name, label=label, subdir=label, name=Path(*rel.parts[1:]).as_posix(), orig_file=name))
     if not items and not skipped: raise PrepareError(f"{root}: no files found")
     n_esc = sum(escape_path(r.as_posix()) != r.as_posix() for r in [*files, *(r for r, _ in problems)])
-    return prepare_items(items, out, size=size, patient_pattern=patient_pattern, source=source or root.name, skipped=skipped,
-                         progress=progress, notes={'escaped names': f'{n_esc} name(s) with bytes that are not UTF-8 or control '
+    kwargs['source'] = kwargs.get('source') or root.name
+    return prepare_items(items, out, skipped=skipped, **kwargs, notes={'escaped names': f'{n_esc} name(s) with bytes that are not UTF-8 or control '
                                                    'characters are written escaped (\\xNN)'} if n_esc else None)
 
 # %% ../nbs/03_prepare.ipynb #26c499b0
+@delegates(prepare_items, but=['items', 'out', 'skipped', 'notes'])
 def prepare_from_csv(csv_path, # CSV with at least a file and a label column
                      out, # dataset folder to write
-                     file_col:str='file', label_col:str='label', # column names
+                     file_col:str='file', # the column of image paths
+                     label_col:str='label', # the column of labels
                      patient_col:str|None=None, # patient id column (default: `patient_id` if present)
                      root=None, # folder the file paths are relative to (default: the CSV's folder)
-                     patient_pattern:str|None=None, # regex on file names when there is no patient column
-                     size:int=512, # longer side of the written images
-                     source:str|None=None, # `source` where the CSV has none (default: the CSV's stem)
                      overwrite:bool=False, # allow writing over an existing dataset in `out`
-                     progress:bool|None=None, # progress bar (default: when interactive)
-                    )->PrepareResult:
-    "Turn a CSV of image files and labels into a covidcxr dataset in `out`."
+                     **kwargs)->PrepareResult:
+    "Turn a CSV of image files and labels into a covidcxr dataset in `out` (`kwargs`: `prepare_items`')."
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file(): raise PrepareError(f"{csv_path}: no such CSV file")
     df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
@@ -260,5 +256,5 @@ def prepare_from_csv(csv_path, # CSV with at least a file and a label column
         it = dict(src=src, rel=f, label=label, subdir=label, name=f, orig_file=f, **{c: r[c] for c in keep})
         if pcol and r[pcol].strip(): it['patient_id'] = r[pcol].strip()
         items.append(it)
-    return prepare_items(items, out, size=size, patient_pattern=patient_pattern, source=source or csv_path.stem,
-                         skipped=skipped, progress=progress)
+    kwargs['source'] = kwargs.get('source') or csv_path.stem
+    return prepare_items(items, out, skipped=skipped, **kwargs)
