@@ -199,7 +199,7 @@ def test_audit_and_train_use_the_same_split(tmp_path, shared):
         assert res.returncode == 0, res.stderr[-2000:]
         assert json.loads(res.stdout) == json.loads((out/'audit.json').read_text())   # --json: the audit on stdout, as written
         audited = pd.read_csv(out/'splits.csv').set_index('file').split
-        trained = recipe_split(shared, r)[0].set_index('file').split   # what train_run writes to splits.csv (10_run checks that)
+        trained = recipe_split(shared, r)[0].set_index('file').split   # what train_run writes to splits.csv (12_run checks that)
         assert audited.sort_index().to_dict() == trained.sort_index().to_dict(), r
 
 def test_train_three_class_end_to_end(tmp_path, shared):

@@ -1,4 +1,4 @@
-"""`covidcxr audit` end to end through `covidcxr.cli.main` (moved here from nbs/09_audit, which tests the library):
+"""`covidcxr audit` end to end through `covidcxr.cli.main` (moved here from nbs/08a_audit, which tests the library):
 exit codes, what is printed, and audit.json, on real films of the shared data. No source check (no feature
 extractor): seconds."""
 import contextlib, io, json, os

@@ -1,6 +1,6 @@
 """`covidcxr serve` under misbehaving and concurrent clients, on 127.0.0.1 only, with bounded request counts and deadlines.
 
-The quick single-request cases (bad Content-Length, wrong Host, one stalled client, NaN) are tested in nbs/12_serve.ipynb;
+The quick single-request cases (bad Content-Length, wrong Host, one stalled client, NaN) are tested in nbs/14_serve.ipynb;
 these are the ones that need many connections or a real `covidcxr serve` process: 20 concurrent clients x 10 real
 X-rays, 40 stalled clients released within the timeout, and a SIGTERM mid-request that leaves no upload on disk.
 """
