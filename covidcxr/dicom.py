@@ -344,12 +344,3 @@ def equalize_film(img:Image.Image, # a decoded film (any mode; made 8-bit gray f
                  )->Image.Image:
     "Histogram equalisation of the grayscale film (Pillow's `ImageOps.equalize`): its grey levels spread over 0..255."
     return ImageOps.equalize(img.convert('L'))
-
-# %% ../nbs/02_dicom.ipynb #aec3e89c
-def __getattr__(name:str, # an attribute of this module that is not defined in it
-               ):
-    "`covidcxr.dicom.PILCXR`: the fastai image type, now in `covidcxr.data`, imported only when asked for."
-    if name == 'PILCXR':
-        from covidcxr.data import PILCXR
-        return PILCXR
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -126,9 +126,9 @@ def test_onnx_engine_imports_no_torch(run_dir, films):
     assert _imports_heavy(f"from covidcxr.predict import load_engine, predict_files\n"
                           f"assert len(predict_files(load_engine({str(run_dir)!r}, 'onnx'), [{str(films)!r}])) == 51") == []
     for m in ('covidcxr.predict', 'covidcxr.core', 'covidcxr.dicom'): assert _imports_heavy(f'import {m}') == [], m
-    # the old places still give the same objects (imported on demand)
-    assert _imports_heavy('from covidcxr.dicom import PILCXR; from covidcxr.guard import image_checks; import covidcxr.dicom as d\n'
-                          'assert image_checks is d.image_checks and PILCXR.__module__ == "covidcxr.data"') == list(HEAVY)
+    # guard hands on dicom's image_checks; PILCXR is covidcxr.data's alone (data sits above dicom)
+    assert _imports_heavy('from covidcxr.data import PILCXR; from covidcxr.guard import image_checks; import covidcxr.dicom as d\n'
+                          'assert image_checks is d.image_checks and PILCXR.__module__ == "covidcxr.data" and not hasattr(d, "PILCXR")') == list(HEAVY)
 
 def test_onnx_reproduces_border_crop_and_histeq(histeq_model, films):
     "A model trained with `border=0.1, intensity='histeq'`: both steps recorded in the ONNX metadata, and the same classes, verdicts and errors as PyTorch, probabilities within 1e-4."
