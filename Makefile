@@ -17,7 +17,7 @@ OUT ?= runs/146
 TRAIN_ARGS ?=
 NB_WORKERS ?= 2
 
-.PHONY: install data run test nbtest pytest check docs readme studies clean
+.PHONY: install data run test nbtest pytest check docs need-quarto readme studies clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: settings.ini setup.py
@@ -51,13 +51,18 @@ nbtest: install
 pytest: install
 	$(BIN)/pytest -q tests
 
-# docs up to the processed notebooks (quarto renders them where it is installed: `nbdev_docs`)
+# README.md from nbs/index.ipynb, without Quarto
 readme: install
 	$(BIN)/python tools/nb2readme.py
 
-# nbdev_proc_nbs pip-installs the project when Quarto is missing: keep that inside .venv
-docs: install readme
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_proc_nbs
+# The docs site in _docs: `nbdev_docs` inside .venv (README.md comes from `readme` just before, so nbdev leaves it).
+# It needs Quarto on PATH: without it nbdev would install Quarto system-wide (sudo) and pip-install the project,
+# so this target refuses first. (The GitHub docs workflow, deploy.yaml, does not use it.)
+docs: need-quarto install readme
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nbdev_docs --n_workers $(NB_WORKERS)
+
+need-quarto:
+	@PATH="$(abspath $(BIN)):$$PATH"; command -v quarto >/dev/null 2>&1 || { echo "make docs needs Quarto (https://quarto.org); it is not installed here, and this target will not install it" >&2; exit 1; }
 
 # the study notebooks (20+) in their full setting, outputs saved into the notebooks (for the docs)
 studies: install
