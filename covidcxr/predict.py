@@ -14,7 +14,7 @@ from .dicom import read_cxr, CXRReadError, IMAGE_SUFFIXES, image_checks, crop_bo
 # %% auto #0
 __all__ = ['TIMM_ARCHS', 'TORCHVISION_CUTS', 'SIZE_RANGE', 'MODEL_KWARGS', 'ENGINES', 'model_folder', 'arch_kind',
            'ModelConfigError', 'check_model_config', 'read_model_config', 'check_run_folder', 'read_model_folder',
-           'plain_head', 'plain_model', 'load_weights', 'find_images', 'cheap_check', 'read_checked',
+           'plain_head', 'vision_imports', 'plain_model', 'load_weights', 'find_images', 'cheap_check', 'read_checked',
            'inference_pipeline', 'config_pipeline', 'film_to_input', 'film_batch', 'TorchEngine', 'predict_files',
            'onnx_graph', 'export_onnx', 'OnnxEngine', 'load_engine']
 
@@ -170,11 +170,24 @@ def plain_head(nf:int, # the body's output channels
     if bn_final: layers.append(nn.BatchNorm1d(lin[-1], momentum=0.01))
     return nn.Sequential(*layers)
 
+# %% ../nbs/13_predict.ipynb #7ec2877a
+def vision_imports()->bool:
+    "Import timm and torchvision; without a CUDA device, with triton kept out of the process (True if it was)."
+    import sys, torch
+    if 'torch._dynamo' in sys.modules or 'triton' in sys.modules or torch.cuda.is_available():
+        import timm, torchvision
+        return False
+    sys.modules['triton'] = None   # `import triton` fails while this is set; torch._dynamo then takes it as not installed
+    try: import timm, torchvision
+    finally: del sys.modules['triton']
+    return True
+
 # %% ../nbs/13_predict.ipynb #24538d0e
 def plain_model(cfg:dict, # a checked config.json (`read_model_config`)
                )->'torch.nn.Sequential':
     "The network `load_model` builds for `cfg` (fastai's body and head), with torch and timm / torchvision only; random weights (`load_weights`)."
     import torch, torch.nn as nn
+    vision_imports()
     arch, n_in, n_out = cfg['arch'], cfg['n_in'], len(cfg['vocab'])
     head = dict(cfg.get('model_kwargs') or {})
     if arch_kind(arch) == 'torchvision':
