@@ -58,7 +58,7 @@ def main():
             floor = [('import torch', 'import torch'),
                      ('import torch, then os._exit (no teardown)', 'import torch, os; os._exit(0)'),
                      ('import timm (torch, torchvision)', 'import timm'),
-                     ('import timm, triton kept out (vision_imports)', 'from covidcxr.predict import vision_imports; vision_imports()'),
+                     ('import timm, triton kept out (vision_imports)', 'from covidcxr.savedmodel import vision_imports; vision_imports()'),
                      ('import fastai.vision.all', 'import fastai.vision.all'),
                      ('PyTorch engine, network built', f'from covidcxr.predict import load_engine; load_engine({a.run!r}).load()')]
             rows += [(name, peak([py, '-c', code])) for name, code in floor]

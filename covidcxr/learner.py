@@ -12,8 +12,8 @@ from fastai.vision.learner import _default_meta
 import timm, torchvision
 from .core import *
 from .data import *
-# the model folder's schema and the architecture names are torch-free, in covidcxr.predict (the PyTorch engine reads them without fastai)
-from .predict import (TIMM_ARCHS, TORCHVISION_CUTS, arch_kind, ModelConfigError, SIZE_RANGE, MODEL_KWARGS, check_model_config,
+# the model folder's schema and the architecture names are torch-free, in covidcxr.savedmodel (the PyTorch engine reads them without fastai)
+from .savedmodel import (TIMM_ARCHS, TORCHVISION_CUTS, arch_kind, ModelConfigError, SIZE_RANGE, MODEL_KWARGS, check_model_config,
                               read_model_config, check_run_folder, read_model_folder, load_weights)
 _all_ = ['TIMM_ARCHS', 'arch_kind', 'ModelConfigError', 'SIZE_RANGE', 'MODEL_KWARGS', 'check_model_config', 'read_model_config', 'check_run_folder']
 
@@ -25,7 +25,7 @@ __all__ = ['TORCHVISION_ARCHS', 'OFFLINE_PACKAGES', 'LR_SUGGESTIONS', 'WeightsUn
            'check_run_folder']
 
 # %% ../nbs/06_learner.ipynb #c63c9dfb
-TORCHVISION_ARCHS = {  # the constructors of `covidcxr.predict.TORCHVISION_CUTS`' names (`TIMM_ARCHS` and `arch_kind` are there too)
+TORCHVISION_ARCHS = {  # the constructors of `covidcxr.savedmodel.TORCHVISION_CUTS`' names (`TIMM_ARCHS` and `arch_kind` are there too)
     'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50, 'densenet121': densenet121, 'mobilenet_v2': torchvision.models.mobilenet_v2}
 # fastai has no metadata for MobileNetV2: its body is `features` (cut before the classifier)
 model_meta.setdefault(torchvision.models.mobilenet_v2, {'cut': -1, 'split': default_split, 'stats': imagenet_stats})

@@ -4,19 +4,18 @@
 
 # %% ../nbs/13_predict.ipynb #33504e58
 from __future__ import annotations
-import hashlib, json, math, os, tempfile
+import hashlib, json, os, tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
 from .dicom import read_cxr, CXRReadError, IMAGE_SUFFIXES, image_checks, crop_border, equalize_film, clahe_film, INTENSITY
+from .savedmodel import read_model_config, read_model_folder, plain_model, load_weights
 
 # %% auto #0
-__all__ = ['TIMM_ARCHS', 'TORCHVISION_CUTS', 'SIZE_RANGE', 'MODEL_KWARGS', 'ENGINES', 'model_folder', 'arch_kind',
-           'ModelConfigError', 'check_model_config', 'read_model_config', 'check_run_folder', 'read_model_folder',
-           'plain_head', 'vision_imports', 'plain_model', 'load_weights', 'find_images', 'cheap_check', 'read_checked',
-           'inference_pipeline', 'config_pipeline', 'film_to_input', 'film_batch', 'TorchEngine', 'predict_files',
-           'onnx_graph', 'export_onnx', 'OnnxEngine', 'load_engine']
+__all__ = ['ENGINES', 'model_folder', 'find_images', 'cheap_check', 'read_checked', 'inference_pipeline', 'config_pipeline',
+           'film_to_input', 'film_batch', 'TorchEngine', 'predict_files', 'onnx_graph', 'export_onnx', 'OnnxEngine',
+           'load_engine']
 
 # %% ../nbs/13_predict.ipynb #d2c8011c
 def model_folder(path, # a run folder (`covidcxr train --out`) or a model folder (`save_model`)
@@ -26,212 +25,6 @@ def model_folder(path, # a run folder (`covidcxr train --out`) or a model folder
     for p in (path/'model', path):
         if (p/'config.json').is_file(): return p
     raise FileNotFoundError(f"{path}: no config.json here; is this a covidcxr model or run folder?")
-
-# %% ../nbs/13_predict.ipynb #4ec8d446
-TIMM_ARCHS = ('efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny')
-TORCHVISION_CUTS = {'resnet18': -2, 'resnet34': -2, 'resnet50': -2, 'densenet121': -1, 'mobilenet_v2': -1}   # fastai's body: the children before the cut
-
-def arch_kind(arch:str, # an architecture name, e.g. 'resnet34' or 'efficientnet_lite0'
-             )->str:
-    "'torchvision' or 'timm' for a supported architecture name; a clear error otherwise."
-    if arch in TORCHVISION_CUTS: return 'torchvision'
-    if arch in TIMM_ARCHS: return 'timm'
-    import timm
-    if arch in timm.list_models(): return 'timm'
-    raise ValueError(f"unknown architecture {arch!r}; use one of {list(TORCHVISION_CUTS) + list(TIMM_ARCHS)} "
-                     "or any timm model name")
-
-# %% ../nbs/13_predict.ipynb #ef9ddb8d
-from .errors import ModelFolderError
-class ModelConfigError(ModelFolderError):
-    "A model folder's config.json (or weights) that cannot be used; the message names the file and the field."
-
-SIZE_RANGE = (16, 1024)
-MODEL_KWARGS = ('lin_ftrs', 'ps', 'concat_pool', 'first_bn', 'bn_final', 'lin_first')  # what `build_learner` records
-
-def _is_num(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-def _is_int(v)->bool: return isinstance(v, int) and not isinstance(v, bool)
-
-def _kwarg_ok(k, v)->bool:
-    "Is `v` a sensible value for the head option `k`?"
-    if k == 'lin_ftrs': return v is None or (isinstance(v, list) and len(v) <= 8 and all(_is_int(x) and 0 < x <= 65536 for x in v))
-    if k == 'ps': return all(_is_num(x) and 0 <= x < 1 for x in (v if isinstance(v, list) else [v]))
-    return isinstance(v, bool)
-
-# %% ../nbs/13_predict.ipynb #1dacfeb3
-def check_model_config(cfg, # the parsed config.json
-                       path='config.json', # its file, for the messages
-                      )->dict:
-    "`cfg` if it fits covidcxr's model schema (see above), else a `ModelConfigError` naming `path` and the field."
-    def bad(field, why): raise ModelConfigError(f"{path}: field '{field}': {why}")
-    if not isinstance(cfg, dict): raise ModelConfigError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
-    for f in ('arch', 'vocab', 'n_in', 'size', 'mean', 'std'):
-        if f not in cfg: bad(f, 'missing')
-    a = cfg['arch']
-    if not isinstance(a, str) or not a: bad('arch', f'{a!r} is not an architecture name')
-    try: arch_kind(a)
-    except ValueError: bad('arch', f'unknown architecture {a!r} (neither a torchvision name covidcxr supports nor a timm model)')
-    v = cfg['vocab']
-    if not isinstance(v, list) or len(v) < 2: bad('vocab', f'{v!r}: expected a list of at least 2 class names')
-    if not all(isinstance(c, str) and c.strip() for c in v): bad('vocab', f'{v!r}: every class name must be a non-empty string')
-    if len(set(v)) != len(v): bad('vocab', f'{v!r}: class names must be unique')
-    if cfg['n_in'] not in (1, 3) or isinstance(cfg['n_in'], bool): bad('n_in', f"{cfg['n_in']!r}: expected 1 or 3 input channels")
-    s, lo, hi = cfg['size'], *SIZE_RANGE
-    if not _is_int(s) or not lo <= s <= hi: bad('size', f'{s!r}: expected a whole number of pixels from {lo} to {hi}')
-    ps = cfg.get('presize')
-    if ps is not None and (not _is_int(ps) or not s <= ps <= 2 * hi): bad('presize', f'{ps!r}: expected none, or a whole number from size ({s}) to {2*hi}')
-    if cfg.get('intensity') not in INTENSITY: bad('intensity', f"{cfg.get('intensity')!r}: expected one of {INTENSITY}")
-    for f in ('mean', 'std'):
-        x = cfg[f]
-        if not isinstance(x, list) or len(x) != cfg['n_in'] or not all(_is_num(y) for y in x):
-            bad(f, f"{x!r}: expected a list of {cfg['n_in']} finite number(s), one per input channel")
-    if not all(y > 0 for y in cfg['std']): bad('std', f"{cfg['std']!r}: every value must be above 0 (a std that is 0 or not finite makes every probability NaN)")
-    t = cfg.get('temperature')
-    if t is not None and (not _is_num(t) or t <= 0): bad('temperature', f'{t!r}: expected none, or a finite number above 0')
-    mk = cfg.get('model_kwargs', {})
-    if not isinstance(mk, dict): bad('model_kwargs', f'{mk!r}: expected an object')
-    for k, val in mk.items():
-        if k not in MODEL_KWARGS: bad('model_kwargs', f'{k!r} is not allowed (allowed: {", ".join(MODEL_KWARGS)})')
-        if not _kwarg_ok(k, val): bad(f'model_kwargs.{k}', f'{val!r} is not a sensible value')
-    for f in ('weights_source', 'split_id'):
-        if cfg.get(f) is not None and not isinstance(cfg[f], str): bad(f, f'{cfg[f]!r}: expected text')
-    return cfg
-
-# %% ../nbs/13_predict.ipynb #aca3200b
-def read_model_config(path, # a model folder (holding config.json) or a config.json file
-                     )->dict:
-    "Read and check a model's config.json; every problem is one line naming the file (and the field)."
-    p = Path(path); p = p/'config.json' if p.is_dir() else p
-    if not p.is_file(): raise FileNotFoundError(f"{p.parent}: no config.json here; is this a covidcxr model folder?")
-    try: cfg = json.loads(p.read_bytes())
-    except ValueError as e:  # JSONDecodeError, or bytes that are not text
-        where = f' at line {e.lineno} column {e.colno}' if hasattr(e, 'lineno') else ''
-        raise ModelConfigError(f"{p}: not valid JSON{where} ({getattr(e, 'msg', None) or type(e).__name__})") from None
-    return check_model_config(cfg, p)
-
-# %% ../nbs/13_predict.ipynb #ddcfc385
-def check_run_folder(run, # a run folder (`train_run` / `covidcxr train --out`)
-                     cfg:dict, # its model/config.json
-                    ):
-    "A run folder's parts must come from one run: metrics.json present, with the model's split id."
-    m = Path(run)/'metrics.json'
-    if not m.is_file(): raise ValueError(f"{run}: incomplete run folder: model/ without metrics.json (an interrupted run?)")
-    try: sid = json.loads(m.read_bytes())['split']['split_id']
-    except ValueError as e:
-        where = f' at line {e.lineno} column {e.colno}' if hasattr(e, 'lineno') else ''
-        raise ValueError(f"{m}: not valid JSON{where} ({getattr(e, 'msg', None) or type(e).__name__})") from None
-    except (KeyError, TypeError): raise ValueError(f"{m}: field 'split.split_id' missing: not a covidcxr run's metrics.json") from None
-    if cfg.get('split_id') and sid != cfg['split_id']:
-        raise ValueError(f"{run}: model/config.json (split {cfg['split_id']}) and metrics.json (split {sid}) come from different runs")
-
-# %% ../nbs/13_predict.ipynb #1fccdc8a
-def read_model_folder(path, # a run folder (`covidcxr train --out`) or a model folder (`save_model`)
-                     )->tuple:
-    "`(model folder, config)`: config.json checked, the weights file present, and a run folder's parts from one run."
-    path = Path(path)
-    run = path if (path/'model'/'config.json').is_file() else None
-    if run is not None: path = path/'model'
-    cfg = read_model_config(path)
-    wfile = path/'model.safetensors'
-    if not wfile.is_file(): raise FileNotFoundError(f"{wfile}: missing (the model's weights); is this a complete model folder?")
-    if run is not None: check_run_folder(run, cfg)
-    return path, cfg
-
-# %% ../nbs/13_predict.ipynb #ceaefeb5
-def plain_head(nf:int, # the body's output channels
-               n_out:int, # classes
-               pool:bool=True, # pool the body's feature map first (False: the body pools itself)
-               lin_ftrs:list|None=None, # hidden layer sizes (default: one of 512)
-               ps=0.5, # dropout: one value (the last layer's; the others get half) or one per layer
-               concat_pool:bool=True, # average and max pooling, concatenated
-               first_bn:bool=True, # batch norm before the first linear layer
-               bn_final:bool=False, # batch norm after the last one
-               lin_first:bool=False, # linear layers before batch norm and dropout
-              )->'torch.nn.Sequential':
-    "fastai's `create_head` in plain torch modules: the same layers in the same order, so the same parameter names."
-    import torch, torch.nn as nn
-    class AdaptiveConcatPool2d(nn.Module):
-        "Max and average pooling to 1 x 1, concatenated (fastai's layer of the same name)."
-        def __init__(self): super().__init__(); self.ap, self.mp = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1)
-        def forward(self, x): return torch.cat([self.mp(x), self.ap(x)], 1)
-    if pool and concat_pool: nf *= 2
-    lin = [nf, 512, n_out] if lin_ftrs is None else [nf, *lin_ftrs, n_out]
-    bns = [first_bn] + [True] * (len(lin) - 1)
-    ps = list(ps) if isinstance(ps, (list, tuple)) else [ps]
-    if len(ps) == 1: ps = [ps[0] / 2] * (len(lin) - 2) + ps
-    acts = [True] * (len(lin) - 2) + [False]
-    layers = [AdaptiveConcatPool2d() if concat_pool else nn.AdaptiveAvgPool2d(1), nn.Flatten()] if pool else []
-    if lin_first: layers.append(nn.Dropout(ps.pop(0)))
-    for ni, no, bn, p, act in zip(lin[:-1], lin[1:], bns, ps, acts):   # fastai's `LinBnDrop`, flattened into the head
-        norm = ([nn.BatchNorm1d(no if lin_first else ni)] if bn else []) + ([nn.Dropout(p)] if p != 0 else [])
-        linear = [nn.Linear(ni, no, bias=not bn)] + ([nn.ReLU(inplace=True)] if act else [])
-        layers += linear + norm if lin_first else norm + linear
-    if lin_first: layers.append(nn.Linear(lin[-2], n_out))
-    if bn_final: layers.append(nn.BatchNorm1d(lin[-1], momentum=0.01))
-    return nn.Sequential(*layers)
-
-# %% ../nbs/13_predict.ipynb #7ec2877a
-def vision_imports()->bool:
-    "Import timm and torchvision; without a CUDA device, with triton kept out of the process (True if it was)."
-    import sys, torch
-    if 'torch._dynamo' in sys.modules or 'triton' in sys.modules or torch.cuda.is_available():
-        import timm, torchvision
-        return False
-    sys.modules['triton'] = None   # `import triton` fails while this is set; torch._dynamo then takes it as not installed
-    try: import timm, torchvision
-    finally: del sys.modules['triton']
-    return True
-
-# %% ../nbs/13_predict.ipynb #24538d0e
-def plain_model(cfg:dict, # a checked config.json (`read_model_config`)
-               )->'torch.nn.Sequential':
-    "The network `load_model` builds for `cfg` (fastai's body and head), with torch and timm / torchvision only; random weights (`load_weights`)."
-    import torch, torch.nn as nn
-    vision_imports()
-    arch, n_in, n_out = cfg['arch'], cfg['n_in'], len(cfg['vocab'])
-    head = dict(cfg.get('model_kwargs') or {})
-    if arch_kind(arch) == 'torchvision':
-        import torchvision
-        m = getattr(torchvision.models, arch)(weights=None)
-        if n_in != 3:   # fastai's `_update_first_layer`: the first convolution, made for n_in channels
-            name = next(n for n, _ in m.named_parameters()).rsplit('.', 1)[0]
-            parent, attr = (m.get_submodule(name.rsplit('.', 1)[0]) if '.' in name else m), name.rsplit('.', 1)[-1]
-            c = getattr(parent, attr)
-            setattr(parent, attr, nn.Conv2d(n_in, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
-                                            c.bias is not None, c.padding_mode))
-        body = nn.Sequential(*list(m.children())[:TORCHVISION_CUTS[arch]])
-        with torch.no_grad(): nf = body.eval()(torch.zeros(1, n_in, 64, 64)).shape[1]
-        pool = True
-    else:
-        import timm
-        m = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=n_in)
-        pool, nf = m.default_cfg.get('pool_size', None) is not None, m.num_features
-        class TimmBody(nn.Module):
-            "fastai's wrapper of a timm model: its feature map when the head pools it, else its own output."
-            def __init__(self, model): super().__init__(); self.needs_pool, self.model = pool, model
-            def forward(self, x): return self.model.forward_features(x) if self.needs_pool else self.model(x)
-        body = TimmBody(m)
-    return nn.Sequential(body, plain_head(nf, n_out, pool=pool, **head))
-
-# %% ../nbs/13_predict.ipynb #17578c7b
-def load_weights(model, # the network, built for `cfg` (`plain_model`, or a fastai learner's `model`)
-                 wfile:Path, # its model.safetensors
-                 cfg:dict, # its checked config.json
-                ):
-    "`model` with the weights of `wfile` loaded; a file that does not fit says so in one line (not a list of every key)."
-    from safetensors.torch import load_file
-    try: sd = load_file(str(wfile))
-    except Exception as e: raise ModelConfigError(f"{wfile}: not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
-    ref = model.state_dict()
-    missing, extra = [k for k in ref if k not in sd], [k for k in sd if k not in ref]
-    shape = [k for k in ref if k in sd and tuple(ref[k].shape) != tuple(sd[k].shape)]
-    if missing or extra or shape:
-        eg = (missing or extra or shape)[0]
-        raise ModelConfigError(f"{wfile}: the weights do not fit arch {cfg['arch']!r} with {len(cfg['vocab'])} classes from "
-                               f"{wfile.parent/'config.json'} ({len(missing)} tensors missing, {len(extra)} unexpected, "
-                               f"{len(shape)} of another shape, e.g. {eg!r}); is 'arch' the one the model was trained with?")
-    model.load_state_dict(sd)
-    return model
 
 # %% ../nbs/13_predict.ipynb #883149cb
 def find_images(paths, # files and folders
