@@ -6,8 +6,11 @@ disk) and a 16-bit DICOM of the same size into a temporary folder, then measures
 `/usr/bin/time -v` (maximum resident set size):
   - the baseline: a Python that only imports covidcxr.dicom (torch and fastai come with it);
   - `read_cxr` on each file (the one reading function every covidcxr path uses);
-  - with a run folder (`--run RUN`): `covidcxr predict --model RUN` on the PNG, and on a real shared film for comparison
-    (the process's own baseline: torch, fastai and the model).
+  - with a run folder (`--run RUN`): where the PyTorch engine's floor comes from (`import torch` alone, with and without
+    the interpreter's teardown; timm, which brings torchvision; fastai; the engine with its network built), then
+    `covidcxr predict --model RUN` on the PNG and on a real shared film (the process's own baseline: torch, timm and the
+    model), and the same PNG through the fastai path the PyTorch engine took before (`load_model`, the learner's
+    `test_dl`) for comparison.
 
 Usage: .venv/bin/python benchmarks/bench_memory.py [--run RUN [--onnx]] [--size 9400] [--film FILE]
 """
@@ -52,8 +55,19 @@ def main():
                 import pandas as pd
                 from covidcxr.core import data_root
                 root = data_root(); film = str(root/pd.read_csv(root/'metadata.csv').file.iloc[0])
+            floor = [('import torch', 'import torch'),
+                     ('import torch, then os._exit (no teardown)', 'import torch, os; os._exit(0)'),
+                     ('import timm (torch, torchvision)', 'import timm'),
+                     ('import timm, triton kept out (vision_imports)', 'from covidcxr.savedmodel import vision_imports; vision_imports()'),
+                     ('import fastai.vision.all', 'import fastai.vision.all'),
+                     ('PyTorch engine, network built', f'from covidcxr.predict import load_engine; load_engine({a.run!r}).load()')]
+            rows += [(name, peak([py, '-c', code])) for name, code in floor]
             rows.append((f'covidcxr predict {Path(film).name[:30]}', peak([cli, 'predict', '--model', a.run, film])))
             rows.append(('covidcxr predict big16.png', peak([cli, 'predict', '--model', a.run, str(tmp/'big16.png')])))
+            before = (f"from covidcxr.predict import TorchEngine, predict_files\nfrom covidcxr.learner import load_model\n"
+                      f"from covidcxr.guard import OODGuard\ne = TorchEngine(load_model({a.run!r}), OODGuard.load({a.run!r})); e.pipe = None\n"
+                      f"print(predict_files(e, [{str(tmp/'big16.png')!r}]).iloc[0].tolist()[1:])")
+            rows.append(('fastai path (before) big16.png', peak([py, '-c', before])))
             if a.onnx:   # the exported model: ONNX Runtime, neither torch nor fastai in the process
                 subprocess.run([cli, 'export', '--model', a.run, '--format', 'onnx'], check=True, capture_output=True)
                 rows.append((f'predict --engine onnx {Path(film).name[:20]}', peak([cli, 'predict', '--model', a.run, '--engine', 'onnx', film])))

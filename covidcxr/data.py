@@ -8,14 +8,15 @@ from fastai.vision.all import *
 import pandas as pd, numpy as np
 from PIL import Image, ImageOps
 from .core import *
-from .dicom import read_cxr, crop_border, equalize_film
+from .dicom import read_cxr, crop_border, equalize_film, clahe_film, INTENSITY
 import covidcxr.core as core  # `core.num_workers`: `num_workers` is also a parameter name below
+_all_ = ['INTENSITY']
 
 # %% auto #0
-__all__ = ['REQUIRED_COLS', 'OPTIONAL_COLS', 'FRONTAL', 'RECIPES', 'INTENSITY', 'DatasetError', 'load_dataset', 'select_balanced',
+__all__ = ['REQUIRED_COLS', 'OPTIONAL_COLS', 'FRONTAL', 'RECIPES', 'DatasetError', 'load_dataset', 'select_balanced',
            'recipe_report', 'covid_vs_pneumonia_146', 'covid_vs_normal_392', 'three_class', 'get_recipe',
            'patient_split', 'split_summary', 'PILCXR', 'cxr_image_cls', 'IntensityNorm', 'BorderCrop',
-           'cxr_aug_transforms', 'cxr_dblock', 'cxr_dls']
+           'cxr_aug_transforms', 'cxr_dblock', 'cxr_dls', 'INTENSITY']
 
 # %% ../nbs/03_data.ipynb #2b2fa546
 REQUIRED_COLS = ('file', 'label', 'patient_id')
@@ -178,8 +179,6 @@ def cxr_image_cls():
     return PILCXR
 
 # %% ../nbs/03_data.ipynb #cf2058ea
-INTENSITY = (None, 'histeq', 'clahe')
-
 class IntensityNorm(Transform):
     "Histogram equalisation ('histeq') or CLAHE ('clahe') of a grayscale X-ray, before resizing."
     order = 0
@@ -190,11 +189,7 @@ class IntensityNorm(Transform):
         self.kind, self.clip_limit = kind, clip_limit
     def encodes(self, x:PILImage):
         img = x.convert('L')
-        if self.kind == 'histeq': out = equalize_film(img)
-        else:
-            from skimage.exposure import equalize_adapthist
-            out = Image.fromarray((equalize_adapthist(np.asarray(img), clip_limit=self.clip_limit) * 255).round().astype(np.uint8))
-        return type(x)(out)
+        return type(x)(equalize_film(img) if self.kind == 'histeq' else clahe_film(img, self.clip_limit))
 
 # %% ../nbs/03_data.ipynb #8d34f94c
 class BorderCrop(Transform):

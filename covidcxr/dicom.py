@@ -15,10 +15,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .core import *
 
 # %% auto #0
-__all__ = ['MAX_DECODE_PIXELS', 'DICOM_SUFFIXES', 'IMAGE_SUFFIXES', 'CXRReadError', 'EmptyFileError', 'NotAnImageError',
-           'CorruptImageError', 'ImageTooLargeError', 'NoPixelDataError', 'MissingCodecError', 'MultiFrameError',
-           'UnsupportedImageError', 'decode_factor', 'dicom_pixels', 'read_dicom', 'dicom_header', 'film_chroma',
-           'read_cxr', 'image_checks', 'crop_border', 'equalize_film']
+__all__ = ['MAX_DECODE_PIXELS', 'DICOM_SUFFIXES', 'IMAGE_SUFFIXES', 'INTENSITY', 'CXRReadError', 'EmptyFileError',
+           'NotAnImageError', 'CorruptImageError', 'ImageTooLargeError', 'NoPixelDataError', 'MissingCodecError',
+           'MultiFrameError', 'UnsupportedImageError', 'decode_factor', 'dicom_pixels', 'read_dicom', 'dicom_header',
+           'film_chroma', 'read_cxr', 'image_checks', 'crop_border', 'equalize_film', 'clahe_film']
 
 # %% ../nbs/02_dicom.ipynb #5aab7254
 from .errors import BadInputError
@@ -289,7 +289,8 @@ def read_cxr(path, # PNG, JPEG, BMP, TIFF or DICOM file
                 k = decode_factor(*im.size, max_pixels)
                 if k > 1 and im.format in ('JPEG', 'MPO'): im.draft(None, (-(-orig[0] // k), -(-orig[1] // k)))  # decoded at 1/2, 1/4, 1/8
                 im.load()
-                im = _reduce(im, decode_factor(*im.size, max_pixels))
+                full, im = im, _reduce(im, decode_factor(*im.size, max_pixels))
+                if im is not full: full.close()   # the full-size pixels go before the conversion to 8 bits, not after it
                 reduced_by = round(orig[0] / im.size[0])
                 if orient in _ORIENT:
                     im = im.transpose(_ORIENT[orient])
@@ -344,3 +345,13 @@ def equalize_film(img:Image.Image, # a decoded film (any mode; made 8-bit gray f
                  )->Image.Image:
     "Histogram equalisation of the grayscale film (Pillow's `ImageOps.equalize`): its grey levels spread over 0..255."
     return ImageOps.equalize(img.convert('L'))
+
+# %% ../nbs/02_dicom.ipynb #f922fdaf
+INTENSITY = (None, 'histeq', 'clahe')   # the intensity normalisations a model can carry (`IntensityNorm`, config.json's `intensity`)
+
+def clahe_film(img:Image.Image, # a decoded film (any mode; made 8-bit gray first)
+               clip_limit:float=0.01, # contrast limit (scikit-image's `equalize_adapthist`)
+              )->Image.Image:
+    "CLAHE of the grayscale film (scikit-image's `equalize_adapthist`), back to 8 bits."
+    from skimage.exposure import equalize_adapthist
+    return Image.fromarray((equalize_adapthist(np.asarray(img.convert('L')), clip_limit=clip_limit) * 255).round().astype(np.uint8))

@@ -6,7 +6,9 @@
 from __future__ import annotations
 import json
 from contextlib import contextmanager
-from fastai.vision.all import *
+from pathlib import Path
+import numpy as np
+from fastcore.basics import patch
 from .core import *
 from .dicom import image_checks   # the cheap checks: torch-free, in covidcxr.dicom
 _all_ = ['image_checks']
@@ -17,6 +19,7 @@ __all__ = ['feature_layer', 'capture_features', 'learner_features', 'OODGuard', 
 # %% ../nbs/08b_guard.ipynb #0bf9d1df
 def feature_layer(model:nn.Module)->nn.Module:
     "The module whose output is the pooled image feature (fastai's head: the `Flatten` after the pooling)."
+    import torch.nn as nn
     head = model[1] if isinstance(model, nn.Sequential) and len(model) == 2 else None
     if head is not None:
         for m in head.children():
@@ -96,6 +99,7 @@ def fit(cls:OODGuard, learn:Learner, # a trained learner with train and valid Da
 def save(self:OODGuard, path, # a model folder (`save_model`)
         )->Path:
     "Write `ood.safetensors` (the feature bank, float16) with the threshold and its rule as metadata."
+    import torch
     from safetensors.torch import save_file
     p = Path(path)/'ood.safetensors'
     with atomic_file(p) as tmp:   # never half-written, normal permissions
@@ -112,7 +116,7 @@ def load(cls:OODGuard, path, # a model folder or a run folder
     path = Path(path)
     p = next((q for q in (path/'ood.safetensors', path/'model'/'ood.safetensors') if q.is_file()), None)
     if p is None: return None
-    with safe_open(str(p), 'pt') as f:
-        meta, bank = f.metadata(), f.get_tensor('bank').float().numpy()
+    with safe_open(str(p), 'np') as f:   # NumPy: loading a guard needs no torch
+        meta, bank = f.metadata(), f.get_tensor('bank').astype(np.float32)
     try: return cls(bank, float(meta['threshold']), int(meta['k']), json.loads(meta.get('info', '{}')))
     except (KeyError, ValueError) as e: raise ValueError(f"{p}: not a covidcxr guard file ({e!r})") from e

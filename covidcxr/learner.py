@@ -12,27 +12,23 @@ from fastai.vision.learner import _default_meta
 import timm, torchvision
 from .core import *
 from .data import *
+# the model folder's schema and the architecture names are torch-free, in covidcxr.savedmodel (the PyTorch engine reads them without fastai)
+from .savedmodel import (TIMM_ARCHS, TORCHVISION_CUTS, arch_kind, ModelConfigError, SIZE_RANGE, MODEL_KWARGS, check_model_config,
+                              read_model_config, check_run_folder, read_model_folder, load_weights)
+_all_ = ['TIMM_ARCHS', 'arch_kind', 'ModelConfigError', 'SIZE_RANGE', 'MODEL_KWARGS', 'check_model_config', 'read_model_config', 'check_run_folder']
 
 # %% auto #0
-__all__ = ['TORCHVISION_ARCHS', 'TIMM_ARCHS', 'OFFLINE_PACKAGES', 'LR_SUGGESTIONS', 'SIZE_RANGE', 'MODEL_KWARGS', 'arch_kind',
-           'WeightsUnavailableError', 'Weights', 'resolve_weights', 'default_metrics', 'build_learner', 'quick_lr_find',
-           'PlainProgress', 'fine_tune_cxr', 'TemperatureScaling', 'fit_temperature', 'raw_logits', 'calibrate',
-           'save_model', 'ModelConfigError', 'check_model_config', 'read_model_config', 'check_run_folder',
-           'load_model']
+__all__ = ['TORCHVISION_ARCHS', 'OFFLINE_PACKAGES', 'LR_SUGGESTIONS', 'WeightsUnavailableError', 'Weights', 'resolve_weights',
+           'default_metrics', 'build_learner', 'quick_lr_find', 'PlainProgress', 'fine_tune_cxr', 'TemperatureScaling',
+           'fit_temperature', 'raw_logits', 'calibrate', 'save_model', 'load_model', 'TIMM_ARCHS', 'arch_kind',
+           'ModelConfigError', 'SIZE_RANGE', 'MODEL_KWARGS', 'check_model_config', 'read_model_config',
+           'check_run_folder']
 
 # %% ../nbs/06_learner.ipynb #c63c9dfb
-TORCHVISION_ARCHS = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50,
-                     'densenet121': densenet121, 'mobilenet_v2': torchvision.models.mobilenet_v2}
-TIMM_ARCHS = ('efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2', 'efficientnet_b0', 'mobilenetv3_large_100', 'convnext_tiny')
+TORCHVISION_ARCHS = {  # the constructors of `covidcxr.savedmodel.TORCHVISION_CUTS`' names (`TIMM_ARCHS` and `arch_kind` are there too)
+    'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50, 'densenet121': densenet121, 'mobilenet_v2': torchvision.models.mobilenet_v2}
 # fastai has no metadata for MobileNetV2: its body is `features` (cut before the classifier)
 model_meta.setdefault(torchvision.models.mobilenet_v2, {'cut': -1, 'split': default_split, 'stats': imagenet_stats})
-
-def arch_kind(arch:str)->str:
-    "'torchvision' or 'timm' for a supported architecture name; a clear error otherwise."
-    if arch in TORCHVISION_ARCHS: return 'torchvision'
-    if arch in TIMM_ARCHS or arch in timm.list_models(): return 'timm'
-    raise ValueError(f"unknown architecture {arch!r}; use one of {list(TORCHVISION_ARCHS) + list(TIMM_ARCHS)} "
-                     "or any timm model name")
 
 # %% ../nbs/06_learner.ipynb #773af9bd
 from .errors import NoWeightsError
@@ -345,74 +341,6 @@ def save_model(learn:Learner, # a trained learner
 def _version():
     import covidcxr; return covidcxr.__version__
 
-# %% ../nbs/06_learner.ipynb #40c4e151
-from .errors import ModelFolderError
-class ModelConfigError(ModelFolderError):
-    "A model folder's config.json (or weights) that cannot be used; the message names the file and the field."
-
-SIZE_RANGE = (16, 1024)
-MODEL_KWARGS = ('lin_ftrs', 'ps', 'concat_pool', 'first_bn', 'bn_final', 'lin_first')  # what `build_learner` records
-
-def _is_num(v)->bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-def _is_int(v)->bool: return isinstance(v, int) and not isinstance(v, bool)
-
-def _kwarg_ok(k, v)->bool:
-    "Is `v` a sensible value for the head option `k`?"
-    if k == 'lin_ftrs': return v is None or (isinstance(v, list) and len(v) <= 8 and all(_is_int(x) and 0 < x <= 65536 for x in v))
-    if k == 'ps': return all(_is_num(x) and 0 <= x < 1 for x in (v if isinstance(v, list) else [v]))
-    return isinstance(v, bool)
-
-# %% ../nbs/06_learner.ipynb #23d7e0d6
-def check_model_config(cfg, # the parsed config.json
-                       path='config.json', # its file, for the messages
-                      )->dict:
-    "`cfg` if it fits covidcxr's model schema (see above), else a `ModelConfigError` naming `path` and the field."
-    def bad(field, why): raise ModelConfigError(f"{path}: field '{field}': {why}")
-    if not isinstance(cfg, dict): raise ModelConfigError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
-    for f in ('arch', 'vocab', 'n_in', 'size', 'mean', 'std'):
-        if f not in cfg: bad(f, 'missing')
-    a = cfg['arch']
-    if not isinstance(a, str) or not a: bad('arch', f'{a!r} is not an architecture name')
-    try: arch_kind(a)
-    except ValueError: bad('arch', f'unknown architecture {a!r} (neither a torchvision name covidcxr supports nor a timm model)')
-    v = cfg['vocab']
-    if not isinstance(v, list) or len(v) < 2: bad('vocab', f'{v!r}: expected a list of at least 2 class names')
-    if not all(isinstance(c, str) and c.strip() for c in v): bad('vocab', f'{v!r}: every class name must be a non-empty string')
-    if len(set(v)) != len(v): bad('vocab', f'{v!r}: class names must be unique')
-    if cfg['n_in'] not in (1, 3) or isinstance(cfg['n_in'], bool): bad('n_in', f"{cfg['n_in']!r}: expected 1 or 3 input channels")
-    s, lo, hi = cfg['size'], *SIZE_RANGE
-    if not _is_int(s) or not lo <= s <= hi: bad('size', f'{s!r}: expected a whole number of pixels from {lo} to {hi}')
-    ps = cfg.get('presize')
-    if ps is not None and (not _is_int(ps) or not s <= ps <= 2 * hi): bad('presize', f'{ps!r}: expected none, or a whole number from size ({s}) to {2*hi}')
-    if cfg.get('intensity') not in INTENSITY: bad('intensity', f"{cfg.get('intensity')!r}: expected one of {INTENSITY}")
-    for f in ('mean', 'std'):
-        x = cfg[f]
-        if not isinstance(x, list) or len(x) != cfg['n_in'] or not all(_is_num(y) for y in x):
-            bad(f, f"{x!r}: expected a list of {cfg['n_in']} finite number(s), one per input channel")
-    if not all(y > 0 for y in cfg['std']): bad('std', f"{cfg['std']!r}: every value must be above 0 (a std that is 0 or not finite makes every probability NaN)")
-    t = cfg.get('temperature')
-    if t is not None and (not _is_num(t) or t <= 0): bad('temperature', f'{t!r}: expected none, or a finite number above 0')
-    mk = cfg.get('model_kwargs', {})
-    if not isinstance(mk, dict): bad('model_kwargs', f'{mk!r}: expected an object')
-    for k, val in mk.items():
-        if k not in MODEL_KWARGS: bad('model_kwargs', f'{k!r} is not allowed (allowed: {", ".join(MODEL_KWARGS)})')
-        if not _kwarg_ok(k, val): bad(f'model_kwargs.{k}', f'{val!r} is not a sensible value')
-    for f in ('weights_source', 'split_id'):
-        if cfg.get(f) is not None and not isinstance(cfg[f], str): bad(f, f'{cfg[f]!r}: expected text')
-    return cfg
-
-# %% ../nbs/06_learner.ipynb #48f2f242
-def read_model_config(path, # a model folder (holding config.json) or a config.json file
-                     )->dict:
-    "Read and check a model's config.json; every problem is one line naming the file (and the field)."
-    p = Path(path); p = p/'config.json' if p.is_dir() else p
-    if not p.is_file(): raise FileNotFoundError(f"{p.parent}: no config.json here; is this a covidcxr model folder?")
-    try: cfg = json.loads(p.read_bytes())
-    except ValueError as e:  # JSONDecodeError, or bytes that are not text
-        where = f' at line {e.lineno} column {e.colno}' if hasattr(e, 'lineno') else ''
-        raise ModelConfigError(f"{p}: not valid JSON{where} ({getattr(e, 'msg', None) or type(e).__name__})") from None
-    return check_model_config(cfg, p)
-
 # %% ../nbs/06_learner.ipynb #98987ce3
 def _placeholder_dls(cfg):
     "Empty DataLoaders carrying the saved transforms and vocab (built from one blank image, then emptied)."
@@ -424,47 +352,11 @@ def _placeholder_dls(cfg):
                         ).dataloaders(t, bs=1, num_workers=0, device=default_device())
         return dls.new_empty()
 
-def check_run_folder(run, # a run folder (`train_run` / `covidcxr train --out`)
-                     cfg:dict, # its model/config.json
-                    ):
-    "A run folder's parts must come from one run: metrics.json present, with the model's split id."
-    m = Path(run)/'metrics.json'
-    if not m.is_file(): raise ValueError(f"{run}: incomplete run folder: model/ without metrics.json (an interrupted run?)")
-    try: sid = json.loads(m.read_bytes())['split']['split_id']
-    except ValueError as e:
-        where = f' at line {e.lineno} column {e.colno}' if hasattr(e, 'lineno') else ''
-        raise ValueError(f"{m}: not valid JSON{where} ({getattr(e, 'msg', None) or type(e).__name__})") from None
-    except (KeyError, TypeError): raise ValueError(f"{m}: field 'split.split_id' missing: not a covidcxr run's metrics.json") from None
-    if cfg.get('split_id') and sid != cfg['split_id']:
-        raise ValueError(f"{run}: model/config.json (split {cfg['split_id']}) and metrics.json (split {sid}) come from different runs")
-
-def _load_weights(model, wfile:Path, cfg:dict):
-    "Load `wfile` into `model`; a file that does not fit says so in one line (not fastai's list of every key)."
-    from safetensors.torch import load_file
-    try: sd = load_file(str(wfile))
-    except Exception as e: raise ModelConfigError(f"{wfile}: not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
-    ref = model.state_dict()
-    missing, extra = [k for k in ref if k not in sd], [k for k in sd if k not in ref]
-    shape = [k for k in ref if k in sd and tuple(ref[k].shape) != tuple(sd[k].shape)]
-    if missing or extra or shape:
-        eg = (missing or extra or shape)[0]
-        raise ModelConfigError(f"{wfile}: the weights do not fit arch {cfg['arch']!r} with {len(cfg['vocab'])} classes from "
-                               f"{wfile.parent/'config.json'} ({len(missing)} tensors missing, {len(extra)} unexpected, "
-                               f"{len(shape)} of another shape, e.g. {eg!r}); is 'arch' the one the model was trained with?")
-    model.load_state_dict(sd)
-
 def load_model(path, # folder written by `save_model`
                dls:DataLoaders|None=None, # DataLoaders to attach (default: empty ones rebuilt from config.json)
               )->Learner:
     "Rebuild a learner from a `save_model` folder, without unpickling."
-    from safetensors.torch import load_file
-    path = Path(path)
-    run = path if (path/'model'/'config.json').is_file() else None
-    if run is not None: path = path/'model'
-    cfg = read_model_config(path)
-    wfile = path/'model.safetensors'
-    if not wfile.is_file(): raise FileNotFoundError(f"{wfile}: missing (the model's weights); is this a complete model folder?")
-    if run is not None: check_run_folder(run, cfg)
+    path, cfg = read_model_folder(path)   # config.json checked, the weights file present, a run folder's parts from one run
     if dls is None: dls = _placeholder_dls(cfg)
     dls.cxr_size, dls.cxr_presize, dls.cxr_intensity = cfg['size'], cfg.get('presize'), cfg.get('intensity')
     dls.cxr_border = cfg.get('border') or 0.
@@ -472,7 +364,7 @@ def load_model(path, # folder written by `save_model`
     if not dls.after_batch.fs.filter(risinstance(Normalize)):
         dls.add_tfms([Normalize.from_stats(cfg['mean'], cfg['std'])], 'after_batch')
     learn = build_learner(dls, cfg['arch'], pretrained=False, n_in=cfg['n_in'], **cfg.get('model_kwargs', {}))
-    _load_weights(learn.model, wfile, cfg)
+    load_weights(learn.model, path/'model.safetensors', cfg)
     learn.weights_source, learn.config = cfg.get('weights_source', 'unknown'), cfg
     if cfg.get('temperature'): learn.add_cb(TemperatureScaling(cfg['temperature'])); learn.temperature = cfg['temperature']
     return learn.to_fp32() if not str(dls.device).startswith('cuda') else learn

@@ -9,11 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
-from .dicom import read_cxr, CXRReadError, IMAGE_SUFFIXES, image_checks, crop_border, equalize_film
+from .dicom import read_cxr, CXRReadError, IMAGE_SUFFIXES, image_checks, crop_border, equalize_film, clahe_film, INTENSITY
+from .savedmodel import read_model_config, read_model_folder, plain_model, load_weights
 
 # %% auto #0
-__all__ = ['ENGINES', 'model_folder', 'find_images', 'cheap_check', 'read_checked', 'TorchEngine', 'predict_files',
-           'inference_pipeline', 'film_to_input', 'onnx_graph', 'export_onnx', 'OnnxEngine', 'load_engine']
+__all__ = ['ENGINES', 'model_folder', 'find_images', 'cheap_check', 'read_checked', 'inference_pipeline', 'config_pipeline',
+           'film_to_input', 'film_batch', 'TorchEngine', 'predict_files', 'onnx_graph', 'export_onnx', 'OnnxEngine',
+           'load_engine']
 
 # %% ../nbs/13_predict.ipynb #d2c8011c
 def model_folder(path, # a run folder (`covidcxr train --out`) or a model folder (`save_model`)
@@ -53,21 +55,111 @@ def read_checked(path, # an image file
     why = cheap_check(img)
     return (None, '', why) if why else (img, '', '')
 
+# %% ../nbs/13_predict.ipynb #645db02d
+_ALLOWED_TFMS = {'IntToFloatTensor', 'Normalize', 'RandomResizedCropGPU', 'Rotate', 'Zoom', 'Warp', 'AffineCoordTfm',
+                 'Brightness', 'Contrast', 'LightingTfm', 'Flip'}  # affine and lighting ones do nothing at test time
+_ITEM_STEPS = (['Resize'], ['BorderCrop', 'Resize'], ['IntensityNorm', 'Resize'], ['BorderCrop', 'IntensityNorm', 'Resize'])
+
+def inference_pipeline(learn, # a learner from `covidcxr.learner.load_model`
+                       engine:str='onnx', # the engine that must reproduce it: 'onnx' (`export_onnx`) or 'torch' (`TorchEngine`, CLAHE too)
+                      )->dict:
+    "The learner's test-time preprocessing (`presize`, `size`, `mean`, `std`, `border`, `intensity`); a `ValueError` if a transform is one `engine` does not reproduce."
+    cfg = getattr(learn, 'config', {}) or {}
+    if engine == 'onnx' and cfg.get('n_in', 1) != 1: raise ValueError(f"{cfg.get('n_in')} input channels: the ONNX graph takes one (grayscale) channel")
+    item = [t for t in learn.dls.after_item.fs if type(t).__name__ not in ('ToTensor',)]
+    names = [type(t).__name__ for t in item]
+    norm = next((t for t in item if type(t).__name__ == 'IntensityNorm'), None)
+    if norm is not None and norm.kind != 'histeq' and engine == 'onnx':
+        raise ValueError(f"intensity normalisation {norm.kind!r} is not reproduced by the ONNX path (only 'histeq' is): predict this model with --engine torch")
+    if norm is not None and norm.kind == 'clahe' and norm.clip_limit != 0.01:
+        raise ValueError(f"CLAHE with clip limit {norm.clip_limit}: the engines apply config.json's CLAHE (clip limit 0.01) only")
+    if names not in _ITEM_STEPS or str(item[-1].method) != 'squish':
+        raise ValueError(f"item transforms {names}: the ONNX path reproduces a border crop, histogram equalisation and one squashing Resize, in that order")
+    border = float(next((t.frac for t in item if type(t).__name__ == 'BorderCrop'), 0.))
+    intensity = norm.kind if norm is not None else None
+    if cfg and (cfg.get('intensity'), float(cfg.get('border') or 0.)) != (intensity, border):
+        raise ValueError(f"config.json says intensity {cfg.get('intensity')!r}, border {cfg.get('border') or 0.}, but the learner's transforms do {intensity!r}, {border}")
+    bad = [type(t).__name__ for t in learn.dls.after_batch.fs if type(t).__name__ not in _ALLOWED_TFMS]
+    if bad: raise ValueError(f"batch transforms {bad}: not reproduced by the ONNX export")
+    crop = [t for t in learn.dls.after_batch.fs if type(t).__name__ == 'RandomResizedCropGPU']
+    presize = tuple(item[-1].size)
+    size = tuple(crop[0].size) if crop else presize
+    if presize[0] != presize[1] or (crop and crop[0].valid_scale != 1): raise ValueError(f"presize {presize}: the ONNX export expects a square, uncropped one")
+    mean, std = (np.asarray(s, dtype=float).ravel().tolist() for s in learn.norm_stats)
+    return dict(presize=int(presize[0]), size=[int(s) for s in size], mean=mean, std=std, border=border, intensity=intensity)
+
+# %% ../nbs/13_predict.ipynb #f46b0145
+def config_pipeline(cfg:dict, # a checked config.json (`read_model_config`)
+                   )->dict:
+    "The test-time preprocessing `load_model` rebuilds from `cfg`, as `inference_pipeline` reads it off the learner."
+    size = int(cfg['size'])
+    return dict(presize=int(cfg.get('presize') or round(size * 1.15)), size=[size, size], mean=[float(v) for v in cfg['mean']],
+                std=[float(v) for v in cfg['std']], border=float(cfg.get('border') or 0.), intensity=cfg.get('intensity'))
+
+# %% ../nbs/13_predict.ipynb #2b53d189
+def film_to_input(img:Image.Image, # a decoded film (`read_cxr`)
+                  presize:int, # the square side the graph takes
+                  border:float=0., # share of each side cut first (`BorderCrop`)
+                  intensity:str|None=None, # None, 'histeq' or 'clahe' (`IntensityNorm`), after the crop
+                 )->np.ndarray:
+    "One film as the learner's item transforms leave it, `(1, presize, presize)` uint8: border cut, equalised, resized (bilinear, squashed)."
+    if intensity not in INTENSITY: raise ValueError(f"intensity {intensity!r}: expected one of {INTENSITY}")
+    im = crop_border(img if img.mode == 'L' else img.convert('L'), border)
+    if intensity == 'histeq': im = equalize_film(im)
+    elif intensity == 'clahe': im = clahe_film(im)
+    return np.asarray(im.resize((presize, presize), Image.BILINEAR), dtype=np.uint8)[None]
+
+# %% ../nbs/13_predict.ipynb #c1e62b34
+def film_batch(imgs:list, # decoded films (`read_cxr`)
+               pipe:dict, # the test-time preprocessing (`config_pipeline` or `inference_pipeline`)
+               device=None, # where the batch goes (default: the CPU)
+              )->'torch.Tensor':
+    "The model's input batch, `(n, 1, size, size)` float32: `film_to_input` for each film, then /255, the resize (bilinear, corners aligned) and `(x - mean) / std`."
+    import torch, torch.nn.functional as F
+    x = torch.from_numpy(np.stack([film_to_input(im, pipe['presize'], pipe['border'], pipe['intensity']) for im in imgs])).to(device)
+    x = F.interpolate(x.float() / 255., size=pipe['size'], mode='bilinear', align_corners=True)
+    mean, std = (torch.tensor(pipe[s], device=x.device).view(1, -1, 1, 1) for s in ('mean', 'std'))
+    return (x - mean) / std
+
 # %% ../nbs/13_predict.ipynb #e4c84df4
 class TorchEngine:
-    "A fastai learner and its guard as a prediction engine: decoded X-rays in, probabilities and the guard's verdicts out."
+    "A saved model (or a fastai learner) and its guard as a prediction engine: decoded X-rays in, probabilities and the guard's verdicts out."
     name = 'torch'
-    def __init__(self, learn, # a fastai Learner (e.g. `covidcxr.learner.load_model`)
-                 guard=None, # its `covidcxr.guard.OODGuard` (None: models saved before the guard; the cheap checks still run)
+    def __init__(self, model, # a run or model folder (read without fastai; the network is built on first use), or a fastai Learner
+                 guard=None, # with a Learner: its `covidcxr.guard.OODGuard` (a folder's own guard is loaded from it)
                 ):
-        self.learn, self.guard, self.vocab = learn, guard, list(learn.dls.vocab)
-        self.has_guard, self.norm_stats = guard is not None, learn.norm_stats
-        self.temperature = float(getattr(learn, 'temperature', None) or 1.)
-        learn.model.eval()
+        from covidcxr.guard import OODGuard
+        if hasattr(model, 'dls'):   # a fastai Learner
+            self.learn, self.folder, self.guard, self._net = model, None, guard, model.model.eval()
+            self.vocab, self.norm_stats = list(model.dls.vocab), model.norm_stats
+            self.temperature = float(getattr(model, 'temperature', None) or 1.)
+            try: self.pipe = inference_pipeline(model, 'torch') if getattr(model, 'n_in', 1) == 1 else None
+            except ValueError: self.pipe = None   # not reproduced here: the learner's own test_dl makes the batch
+        else:
+            if guard is not None: raise ValueError("`guard` is for a Learner; a model folder carries its own guard")
+            self.folder, self.config = read_model_folder(model)
+            self.learn, self.guard, self._net = None, OODGuard.load(self.folder), None
+            self.vocab, self.pipe = list(self.config['vocab']), config_pipeline(self.config)
+            self.norm_stats, self.temperature = (self.pipe['mean'], self.pipe['std']), float(self.config.get('temperature') or 1.)
+        self.has_guard = self.guard is not None
+
+    def load(self)->TorchEngine:
+        "Build the network and load its weights, if not done yet (the first prediction does it otherwise)."
+        if self._net is None:
+            from covidcxr.core import default_device
+            net = load_weights(plain_model(self.config), self.folder/'model.safetensors', self.config)
+            self._net = net.to(default_device()).eval()
+        return self
+
+    @property
+    def model(self)->'torch.nn.Module':
+        "The network (built and loaded on first use), in eval mode."
+        return self.load()._net
 
     def inputs(self, imgs:list)->'torch.Tensor':
-        "The model's input batch for decoded X-rays (the learner's test-time transforms)."
-        return self.learn.dls.test_dl(pd.DataFrame({'path': list(imgs)}), bs=len(imgs), rm_type_tfms=0).one_batch()[0]
+        "The network's input batch for decoded X-rays (`film_batch`; or the learner's `test_dl`)."
+        if self.pipe is None: return self.learn.dls.test_dl(pd.DataFrame({'path': list(imgs)}), bs=len(imgs), rm_type_tfms=0).one_batch()[0]
+        return film_batch(imgs, self.pipe, next(self.model.parameters()).device)
 
     def verdicts(self, feats:np.ndarray)->list:
         "None for each pooled-feature row the guard passes, else why it is not classified (all None without a guard)."
@@ -77,8 +169,8 @@ class TorchEngine:
         "`(probs (n, C), verdicts)` for decoded X-rays."
         import torch
         from covidcxr.guard import capture_features
-        with torch.no_grad(), capture_features(self.learn.model) as feats:
-            z = self.learn.model(self.inputs(imgs)).float()
+        x = self.inputs(imgs)
+        with torch.inference_mode(), capture_features(self.model) as feats: z = self.model(x).float()
         return torch.softmax(z / self.temperature, 1).cpu().numpy(), self.verdicts(np.concatenate(feats))
 
 # %% ../nbs/13_predict.ipynb #1dd88b70
@@ -108,51 +200,10 @@ def predict_files(engine, # an engine (`load_engine`), or a fastai Learner (run 
                     if w: r['not_classified'] = w
                     else: r.update(zip(cols, map(float, p)), predicted=engine.vocab[int(np.argmax(p))])
                 rows.append(r)
+    engine.load()   # the model is loaded, and its weights checked, even when no file needed it
     out = pd.DataFrame(rows, columns=['file', 'predicted', *cols, 'error', 'not_classified'])
     out.attrs.update(ignored=[str(f) for f in ignored], engine=engine.name, guard=engine.has_guard)
     return out
-
-# %% ../nbs/13_predict.ipynb #645db02d
-_ALLOWED_TFMS = {'IntToFloatTensor', 'Normalize', 'RandomResizedCropGPU', 'Rotate', 'Zoom', 'Warp', 'AffineCoordTfm',
-                 'Brightness', 'Contrast', 'LightingTfm', 'Flip'}  # affine and lighting ones do nothing at test time
-_ITEM_STEPS = (['Resize'], ['BorderCrop', 'Resize'], ['IntensityNorm', 'Resize'], ['BorderCrop', 'IntensityNorm', 'Resize'])
-
-def inference_pipeline(learn, # a learner from `covidcxr.learner.load_model`
-                 )->dict:
-    "The learner's test-time preprocessing (`presize`, `size`, `mean`, `std`, `border`, `intensity`); a `ValueError` if a transform is one the ONNX path does not reproduce."
-    cfg = getattr(learn, 'config', {}) or {}
-    if cfg.get('n_in', 1) != 1: raise ValueError(f"{cfg.get('n_in')} input channels: the ONNX graph takes one (grayscale) channel")
-    item = [t for t in learn.dls.after_item.fs if type(t).__name__ not in ('ToTensor',)]
-    names = [type(t).__name__ for t in item]
-    norm = next((t for t in item if type(t).__name__ == 'IntensityNorm'), None)
-    if norm is not None and norm.kind != 'histeq':
-        raise ValueError(f"intensity normalisation {norm.kind!r} is not reproduced by the ONNX path (only 'histeq' is): predict this model with --engine torch")
-    if names not in _ITEM_STEPS or str(item[-1].method) != 'squish':
-        raise ValueError(f"item transforms {names}: the ONNX path reproduces a border crop, histogram equalisation and one squashing Resize, in that order")
-    border = float(next((t.frac for t in item if type(t).__name__ == 'BorderCrop'), 0.))
-    intensity = 'histeq' if norm is not None else None
-    if cfg and (cfg.get('intensity'), float(cfg.get('border') or 0.)) != (intensity, border):
-        raise ValueError(f"config.json says intensity {cfg.get('intensity')!r}, border {cfg.get('border') or 0.}, but the learner's transforms do {intensity!r}, {border}")
-    bad = [type(t).__name__ for t in learn.dls.after_batch.fs if type(t).__name__ not in _ALLOWED_TFMS]
-    if bad: raise ValueError(f"batch transforms {bad}: not reproduced by the ONNX export")
-    crop = [t for t in learn.dls.after_batch.fs if type(t).__name__ == 'RandomResizedCropGPU']
-    presize = tuple(item[-1].size)
-    size = tuple(crop[0].size) if crop else presize
-    if presize[0] != presize[1] or (crop and crop[0].valid_scale != 1): raise ValueError(f"presize {presize}: the ONNX export expects a square, uncropped one")
-    mean, std = (np.asarray(s, dtype=float).ravel().tolist() for s in learn.norm_stats)
-    return dict(presize=int(presize[0]), size=[int(s) for s in size], mean=mean, std=std, border=border, intensity=intensity)
-
-# %% ../nbs/13_predict.ipynb #2b53d189
-def film_to_input(img:Image.Image, # a decoded film (`read_cxr`)
-                  presize:int, # the square side the graph takes
-                  border:float=0., # share of each side cut first (`BorderCrop`)
-                  intensity:str|None=None, # None or 'histeq' (`IntensityNorm`), after the crop
-                 )->np.ndarray:
-    "The graph's input for one film, `(1, presize, presize)` uint8: border cut, equalised, resized (bilinear, squashed)."
-    if intensity not in (None, 'histeq'): raise ValueError(f"intensity {intensity!r}: the ONNX path applies None or 'histeq' only")
-    im = crop_border(img.convert('L'), border)
-    if intensity == 'histeq': im = equalize_film(im)
-    return np.asarray(im.resize((presize, presize), Image.BILINEAR), dtype=np.uint8)[None]
 
 # %% ../nbs/13_predict.ipynb #87a604a9
 def onnx_graph(learn, # a learner from `covidcxr.learner.load_model`
@@ -255,6 +306,10 @@ class OnnxEngine:
         self.meta, self.vocab, self.presize, self.guard = meta, meta['vocab'], int(meta['presize']), meta.get('guard')
         self.has_guard, self.norm_stats, self.temperature = self.guard is not None, (meta['mean'], meta['std']), meta['temperature']
 
+    def load(self)->OnnxEngine:
+        "Nothing to do: the session is made with the engine (`TorchEngine.load`'s counterpart)."
+        return self
+
     def inputs(self, imgs:list)->np.ndarray:
         "The graph's input: each decoded film prepared as the learner's item transforms do (`film_to_input`), (n, 1, presize, presize) uint8."
         return np.stack([film_to_input(im, self.presize, self.border, self.intensity) for im in imgs])
@@ -271,12 +326,10 @@ class OnnxEngine:
 ENGINES = ('torch', 'onnx')
 
 def load_engine(model, # a run folder or model folder
-                engine:str='torch', # 'torch' (fastai; Grad-CAM possible) or 'onnx' (ONNX Runtime, after `export_onnx`)
+                engine:str='torch', # 'torch' (PyTorch, no fastai; Grad-CAM possible) or 'onnx' (ONNX Runtime, after `export_onnx`)
                 threads:int|None=None, # ONNX Runtime threads (the 'onnx' engine only)
                ):
     "The model in `model` as a prediction engine, with its guard."
     if engine == 'onnx': return OnnxEngine(model, threads)
     if engine != 'torch': raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    from covidcxr.learner import load_model
-    from covidcxr.guard import OODGuard
-    return TorchEngine(load_model(model), OODGuard.load(model))
+    return TorchEngine(model)

@@ -145,7 +145,9 @@ class CXRPredictor:
         self.engine = load_engine(self.path, engine)   # its guard is None for models saved before the guard: the cheap checks still run
         self.cam = cam and self.engine.name == 'torch'
         self.card = dict(model_card(self.path), engine=self.engine.name)
-        self.learn = getattr(self.engine, 'learn', None)
+        self.engine.load()   # the network now (PyTorch builds it on first use): a broken model fails at start, not on the first upload
+        self.model = getattr(self.engine, 'model', None)   # the PyTorch network, for Grad-CAM (None with the ONNX engine)
+        if self.cam: import covidcxr.interpret   # Grad-CAM's module (it imports fastai) at start too, not on the first upload
         self.vocab = self.engine.vocab
         mean, std = (np.asarray(s, dtype=float) for s in self.engine.norm_stats)
         if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
@@ -179,7 +181,7 @@ class CXRPredictor:
             from covidcxr.guard import capture_features
             from covidcxr.interpret import grad_cam
             x = self.engine.inputs([img])
-            with capture_features(self.learn.model) as feats: cams, probs = grad_cam(self.learn.model, x)
+            with capture_features(self.model) as feats: cams, probs = grad_cam(self.model, x)
             why, t = self.engine.verdicts(feats[0]), self.engine.temperature
         if t != 1.:  # softmax(z / t) from softmax(z): log softmax(z) is z less a constant
             with np.errstate(divide='ignore'): lp = np.log(np.asarray(probs, dtype=np.float64)) / t

@@ -93,6 +93,22 @@ def test_large_16bit_png_decoded_reduced(tmp_path, shared):
     assert np.corrcoef(np.asarray(im, np.float64).ravel(), ref.ravel())[0, 1] > 0.99
     assert PILCXR.create(tmp_path/'big16.png').size == (2500, 2500)  # the DataBlock's reader takes the same path
 
+def test_large_png_full_size_pixels_freed_early(tmp_path, shared):
+    "A real film as a 6000 x 6000 16-bit PNG: `read_cxr`'s peak memory (a fresh process) stays near one full-size decode, because the full-size pixels are freed before the 8-bit conversion (it was 3.1 decodes' worth)."
+    import subprocess, sys
+    film = Image.open(shared.path.iloc[0]).convert('L')
+    big = np.asarray(film.resize((6000, 6000), Image.Resampling.BILINEAR)).astype(np.uint16) * 257
+    Image.fromarray(big).save(tmp_path/'big16.png'); full_mb = big.nbytes / 2**20; del big
+    if not Path('/proc/self/status').is_file(): pytest.skip('needs /proc (Linux)')
+    code = ("from covidcxr.dicom import read_cxr\n"   # VmHWM: this process's own peak (ru_maxrss keeps the parent's across exec)
+            "hwm = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024\n"
+            "m0 = hwm(); im = read_cxr(%r)\nprint(im.size[0], hwm() - m0)" % str(tmp_path/'big16.png'))
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    side, mb = r.stdout.split()
+    assert side == '3000' and float(mb) < 2.5 * full_mb, (mb, full_mb)
+    print(f'read_cxr of a 6000 x 6000 16-bit PNG: {float(mb):.0f} MB over the baseline, {float(mb) / full_mb:.1f} full-size decodes')
+
 def test_evaluate_out_checked_before_any_work(model_dir, tmp_path, capsys):
     (tmp_path/'a_file').write_text('x')
     for out, why in [('/proc/covidcxr-x', 'cannot write there'), (str(tmp_path/'a_file'), 'exists and is not a folder'),

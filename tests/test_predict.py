@@ -1,5 +1,6 @@
 """`covidcxr.predict` on real shared films: the exported ONNX model against the PyTorch model (classes, probabilities,
-the guard), the `export` / `predict --engine onnx` / `serve --engine onnx` commands, and what the ONNX path imports."""
+the guard), the `export` / `predict --engine onnx` / `serve --engine onnx` commands, what each engine imports, and the
+PyTorch engine (no fastai) against the fastai path it replaced."""
 import hashlib, io, json, shutil, signal, subprocess, sys, urllib.request
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
@@ -146,3 +147,36 @@ def test_onnx_reproduces_border_crop_and_histeq(histeq_model, films):
     d = np.abs(po[ok].filter(like='prob_').values - pt[ok].filter(like='prob_').values).max()
     assert d <= 1e-4, d
     print(f'border 0.1 + histeq: {ok.sum()} real films classified by both engines; max probability difference {d:.1e}')
+
+def _fastai_path(folder, files):
+    "What the PyTorch engine computed before it ran without fastai: `load_model`, the learner's `test_dl`, `get_preds` (with its temperature), the guard on the features of the same pass."
+    from covidcxr.learner import load_model
+    from covidcxr.guard import OODGuard, capture_features
+    learn, guard = load_model(folder), OODGuard.load(folder)
+    with capture_features(learn.model) as feats, learn.no_bar():
+        p, _ = learn.get_preds(dl=learn.dls.test_dl(pd.DataFrame({'path': [str(f) for f in files]}), rm_type_tfms=0))
+    return p.numpy(), guard.check(np.concatenate(feats))
+
+@pytest.mark.parametrize('model', ['run_dir', 'histeq_model'])
+def test_torch_engine_matches_fastai_path(model, films, request):
+    "The lean PyTorch engine (no fastai) against the fastai path it replaces, on the 48 real films: same classes and guard verdicts, probabilities within 1e-4."
+    from covidcxr.predict import load_engine, predict_files
+    m = request.getfixturevalue(model)
+    got = predict_files(load_engine(m, 'torch'), [films], bs=16)
+    seen = got[got.error.eq('') & (got.not_classified.eq('') | got.not_classified.str.contains('does not look like a frontal chest'))]
+    assert len(seen) == 48, got   # the 48 real films pass the cheap checks: the network sees every one of them
+    want, why = _fastai_path(m, seen.file)
+    assert [w or '' for w in why] == seen.not_classified.tolist()   # the guard's verdicts, film by film
+    ok = seen.not_classified.eq('').values
+    assert ok.sum() >= 24, seen   # most are classified: the comparison is on real outputs
+    vocab = load_engine(m).vocab
+    assert seen.predicted[ok].tolist() == [vocab[i] for i in want[ok].argmax(1)]
+    d = float(np.abs(seen[ok].filter(like='prob_').values - want[ok]).max())
+    assert d <= 1e-4, d
+    print(f'{model}: {ok.sum()} real films classified, {(~ok).sum()} refused by the guard; max probability difference lean vs fastai {d:.1e}')
+
+def test_torch_engine_imports_no_fastai(run_dir, films):
+    "`predict` with the PyTorch engine (the default) loads torch, never fastai; and torch only once the first batch is decoded."
+    code = (f"import sys\nfrom covidcxr.predict import load_engine, predict_files\ne = load_engine({str(run_dir)!r})\n"
+            f"assert 'torch' not in sys.modules\nassert len(predict_files(e, [{str(films)!r}])) == 51")
+    assert _imports_heavy(code) == ['torch']
