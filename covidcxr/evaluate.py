@@ -242,7 +242,8 @@ def source_only_auc(targets, # (n,) true class indices into `vocab`
     share = pd.crosstab(src, t, normalize='index').reindex(columns=range(len(vocab)), fill_value=0.)
     scores = share.loc[src].to_numpy(np.float64)   # each image: its source's class shares
     ci, sk = bootstrap_ci(lambda W: {'macro_auc': macro_auc(scores, t, W)}, pids, n_boot, seed, level)
-    return dict(**ci['macro_auc'], n_sources=int(len(share)), skipped=sk['macro_auc'], why=SOURCE_ONLY_WHY)
+    ci = {q: float(x) if np.isfinite(x) else None for q, x in ci['macro_auc'].items()}   # None where undefined (a class absent): JSON-safe
+    return dict(**ci, n_sources=int(len(share)), skipped=sk['macro_auc'], why=SOURCE_ONLY_WHY)
 
 # %% ../nbs/07_evaluate.ipynb #811ae45f
 def _num(x): return None if x is None or not np.isfinite(x) else float(x)

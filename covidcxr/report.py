@@ -243,7 +243,7 @@ def source_only_line(so:dict|None, # `CXRMetrics.source_only()` or the `source_o
     if not so or so.get('n_sources', 0) < 2 or so.get('value') is None or not np.isfinite(so['value']): return None
     s = f"a scorer that knows only each image's source reaches macro AUC {fmt_ci(so)} on these patients"
     if not model_auc or model_auc.get('value') is None: return s
-    d = model_auc['value'] - so['value']
+    d = round(model_auc['value'] - so['value'], 3)   # point estimates: the intervals are in the sentence
     return s + (f"; the model is {d:.3f} above it" if d > 0 else
                 f"; the model ({model_auc['value']:.3f}) is not above it: these figures show nothing a source detector could not")
 

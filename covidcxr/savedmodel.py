@@ -165,7 +165,10 @@ def vision_imports()->bool:
         return False
     sys.modules['triton'] = None   # `import triton` fails while this is set; torch._dynamo then takes it as not installed
     try: import timm, torchvision
-    finally: del sys.modules['triton']
+    finally:
+        del sys.modules['triton']
+        import torch.utils._triton as tt   # torch caches 'no triton' once asked: forget it, so a later import can find it
+        for f in ('has_triton_package', 'has_triton'): getattr(getattr(tt, f, None), 'cache_clear', lambda: None)()
     return True
 
 # %% ../nbs/02a_savedmodel.ipynb #24538d0e
