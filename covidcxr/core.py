@@ -12,7 +12,7 @@ from fastcore.all import *
 
 # %% auto #0
 __all__ = ['ENV_DATA', 'cache_dir', 'DataNotFoundError', 'data_root', 'seed_everything', 'default_device', 'num_workers',
-           'is_interactive', 'fmt_ci', 'atomic_file', 'escape_path']
+           'is_interactive', 'default_presize', 'fmt_ci', 'atomic_file', 'escape_path']
 
 # %% ../nbs/01_core.ipynb #c7cc6c91
 ENV_DATA = 'COVIDCXR_DATA'
@@ -74,6 +74,12 @@ def is_interactive()->bool:
         if get_ipython() is not None and 'IPKernelApp' in get_ipython().config: return True
     except Exception: pass
     return sys.stdout.isatty() and not os.environ.get('CI')
+
+# %% ../nbs/01_core.ipynb #382b0a41
+def default_presize(size:int, # the image size the network sees
+                   )->int:
+    "The CPU resize before augmentation: 1.15 x `size`, rounded (the DataBlock's default; the engines' fallback)."
+    return int(round(size * 1.15))
 
 # %% ../nbs/01_core.ipynb #ede1aa85
 def fmt_ci(m:dict|None, # `{'value', 'ci_low', 'ci_high'}` (bounds may be missing or None)

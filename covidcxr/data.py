@@ -227,7 +227,7 @@ def cxr_dblock(vocab=None, # class names (default: sorted labels)
                border:float=0., # share of each side cut away before resizing (`BorderCrop`)
               )->DataBlock:
     "A DataBlock over a dataset table: grayscale images from `path`, labels from `label`."
-    presize = presize or int(round(size * 1.15))
+    presize = presize or default_presize(size)
     item = Resize(presize if augment else size, method=ResizeMethod.Squish)
     return DataBlock(blocks=(ImageBlock(cls=img_cls or cxr_image_cls()), CategoryBlock(vocab=vocab)),
                      get_x=ColReader('path'), get_y=ColReader('label'),
@@ -252,6 +252,6 @@ def cxr_dls(df:pd.DataFrame, # table with `path`, `label` and `split` (from `pat
     dls = cxr_dblock(vocab=vocab, size=size, **kwargs).dataloaders(
         tv, bs=bs, seed=seed, num_workers=ifnone(num_workers, core.num_workers()),
         device=ifnone(device, default_device()))
-    dls.cxr_size, dls.cxr_presize = size, kwargs.get('presize') or int(round(size * 1.15))
+    dls.cxr_size, dls.cxr_presize = size, kwargs.get('presize') or default_presize(size)
     dls.cxr_intensity, dls.cxr_border = kwargs.get('intensity'), kwargs.get('border') or 0.
     return dls

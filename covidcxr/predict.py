@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
 from .dicom import read_cxr, CXRReadError, IMAGE_SUFFIXES, image_checks, crop_border, equalize_film, clahe_film, INTENSITY
+from .core import default_presize
 from .savedmodel import read_model_config, read_model_folder, plain_model, load_weights
 
 # %% auto #0
@@ -93,7 +94,7 @@ def config_pipeline(cfg:dict, # a checked config.json (`read_model_config`)
                    )->dict:
     "The test-time preprocessing `load_model` rebuilds from `cfg`, as `inference_pipeline` reads it off the learner."
     size = int(cfg['size'])
-    return dict(presize=int(cfg.get('presize') or round(size * 1.15)), size=[size, size], mean=[float(v) for v in cfg['mean']],
+    return dict(presize=int(cfg.get('presize') or default_presize(size)), size=[size, size], mean=[float(v) for v in cfg['mean']],
                 std=[float(v) for v in cfg['std']], border=float(cfg.get('border') or 0.), intensity=cfg.get('intensity'))
 
 # %% ../nbs/13_predict.ipynb #2b53d189
